@@ -1,0 +1,35 @@
+"""Connecting to Ray: an existing cluster when one is named, else a local one on loopback."""
+
+from __future__ import annotations
+
+import os
+
+from spinml_ray.storage import S3_ENV_VARS
+
+# Settings that every worker must see as the driver does (storage endpoint, model cache, offline hub).
+FORWARDED_ENV = S3_ENV_VARS + ("SPINML_CACHE", "HF_HUB_OFFLINE", "HF_HOME")
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """`ray.init` against `address` (or $RAY_ADDRESS), else start a local single-node Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    kwargs: dict = {"log_to_driver": True}
+    if env_vars:
+        kwargs["runtime_env"] = {"env_vars": env_vars}
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    # Without this Ray binds its ports to the machine's external address; a local run stays on loopback.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,1 @@
+"""Model sources: where the diffusion model's weights come from (see `source.py`)."""

@@ -1,0 +1,73 @@
+"""Resolve a *model source* to something diffusers' `from_pretrained` loads.
+
+A source is one of:
+- `tiny`: the built-in preset (random weights, built in code; see `tiny.py`), cached on local disk;
+- a local directory in diffusers' layout (`model_index.json` at its top);
+- an `s3://bucket/prefix` holding such a directory, copied once into the local cache;
+- a model-hub id such as `runwayml/stable-diffusion-v1-5` (only on machines with internet access).
+
+ControlNet weights are looked up in the source's `controlnet/` subfolder unless a separate
+ControlNet source is given (e.g. `lllyasviel/sd-controlnet-canny` beside a hub base model).
+The cache lives in `$SPINML_CACHE` (default `~/.cache/spinml`); entries are built in a temporary
+folder and renamed into place, so concurrent workers never see a half-built model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+
+from spinml_ray import storage
+from spinml_ray.models.tiny import TINY_VERSION, build_tiny_pipeline
+
+TINY = "tiny"
+
+
+def cache_dir() -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get("SPINML_CACHE", "~/.cache/spinml")))
+
+
+def _build_once(final: str, build) -> str:
+    if os.path.exists(os.path.join(final, "model_index.json")) or os.path.exists(os.path.join(final, ".complete")):
+        return final
+    tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+    try:
+        build(tmp)
+        open(os.path.join(tmp, ".complete"), "w").close()
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: keep its copy
+            if not os.path.exists(os.path.join(final, ".complete")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve(source: str) -> str:
+    """A local directory (or, for a hub id, the id itself) for `from_pretrained`."""
+    if source == TINY:
+        return _build_once(os.path.join(cache_dir(), TINY_VERSION), build_tiny_pipeline)
+    if storage.is_s3(source):
+        key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
+        return _build_once(os.path.join(cache_dir(), f"s3-{key}"), lambda tmp: storage.download_dir(source, tmp))
+    if os.path.isdir(source):
+        if not os.path.exists(os.path.join(source, "model_index.json")) and not os.path.exists(
+            os.path.join(source, "config.json")
+        ):
+            raise ValueError(f"{source}: not a diffusers model directory (no model_index.json or config.json)")
+        return os.path.abspath(source)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ValueError(f"{source}: model source is neither 'tiny', a directory, an s3:// prefix nor a hub id")
+    return source
+
+
+def resolve_controlnet(base: str, controlnet: str | None = None) -> str | None:
+    """Where the ControlNet weights live, or None when there are none (L1 then is refused)."""
+    if controlnet:
+        return resolve(controlnet)
+    local = resolve(base)
+    candidate = os.path.join(local, "controlnet")
+    return candidate if os.path.isdir(candidate) else None

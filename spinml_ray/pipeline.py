@@ -1,0 +1,54 @@
+"""One SpinML request end to end: sanitize (Ray Data) -> synthesize (Ray Serve) -> train (Ray Train)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from spinml_ray import storage
+from spinml_ray.spec import RequestSpec, load_request
+
+log = logging.getLogger(__name__)
+STAGES = ("sanitize", "synthesize", "train")
+
+
+def request_paths(spec: RequestSpec, root: str) -> storage.RequestPaths:
+    return storage.RequestPaths(root, spec.tenant, spec.request_id)
+
+
+def run_request(
+    request_uri: str,
+    storage_root: str,
+    model: str = "tiny",
+    controlnet: str | None = None,
+    stages: tuple[str, ...] = STAGES,
+    keep_serving: bool = False,
+    http_port: int = 8000,
+) -> dict:
+    """Run `stages` of one request on the connected Ray cluster; returns a summary per stage."""
+    from ray import serve
+
+    from spinml_ray.stages.sanitize import run_sanitize
+    from spinml_ray.stages.synthesize import run_synthesize
+    from spinml_ray.stages.train import run_train
+    from spinml_ray.synthesis.service import APP_NAME, ensure_running
+
+    spec = load_request(request_uri)
+    paths = request_paths(spec, storage_root)
+    storage.write_json(paths.request, spec.model_dump(mode="json"))
+    summary: dict = {"request_id": spec.request_id, "tenant": spec.tenant, "output": paths.base}
+    if "sanitize" in stages:
+        started = time.time()
+        summary["sanitize"] = {**run_sanitize(spec, paths), "seconds": round(time.time() - started, 2)}
+    if "synthesize" in stages:
+        started = time.time()
+        handle, deployed = ensure_running(model, controlnet, http_port=http_port)
+        try:
+            summary["synthesize"] = {**run_synthesize(spec, paths, handle), "seconds": round(time.time() - started, 2)}
+        finally:
+            if deployed and not keep_serving:
+                serve.delete(APP_NAME)
+    if "train" in stages:
+        started = time.time()
+        summary["train"] = {**run_train(spec, paths), "seconds": round(time.time() - started, 2)}
+    return summary

@@ -1,0 +1,190 @@
+"""The request spec: what one user asks SpinML for, validated into typed objects.
+
+A request is a YAML or JSON document. `load_request` reads it from any storage URI and returns a
+`RequestSpec`, or raises `SpecError` whose message names every invalid field and its value.
+Relative reference URIs are resolved against the directory that holds the request document.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spinml_ray import storage
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SpecError(ValueError):
+    """A request document that cannot be used; the message names each bad field and value."""
+
+
+class Level(str, Enum):
+    """Sanitization level of one object (see SPINML.md): what of it leaves the trust boundary."""
+
+    L0 = "L0"  # nothing: text prompt only
+    L1 = "L1"  # Canny edge map of the object's region
+    L2 = "L2"  # the object's own pixels, everything else blanked
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class LabelSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    phrase: str = Field(min_length=1, max_length=200, description="prompt phrase, e.g. 'sleeping'")
+
+
+class ReferenceSpec(_Strict):
+    uri: str = Field(min_length=1)
+    label: str | None = None
+    mask_uri: str | None = None
+    box: tuple[int, int, int, int] | None = Field(default=None, description="x0, y0, x1, y1 in pixels")
+
+    @field_validator("box")
+    @classmethod
+    def _box_ordered(cls, box):
+        if box is not None:
+            x0, y0, x1, y1 = box
+            if x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
+                raise ValueError("box must be x0,y0,x1,y1 with 0 <= x0 < x1 and 0 <= y0 < y1")
+        return box
+
+
+class PrivacySpec(_Strict):
+    target: Level = Level.L0
+    background: Level = Level.L0
+    alpha: float = Field(default=0.0, ge=0.0, le=1.0, description="fraction of images from L0_L0")
+
+    @property
+    def config(self) -> str:
+        """The paper's name for the configuration, e.g. 'L2_L0'."""
+        return f"{self.target.value}_{self.background.value}"
+
+
+class SynthesisSpec(_Strict):
+    images_per_label: int = Field(default=8, ge=1, le=100_000)
+    resolution: int = Field(default=512, ge=16, le=2048)
+    steps: int = Field(default=50, ge=1, le=1000)
+    guidance: float = Field(default=7.5, ge=0.0, le=50.0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    strength: float = Field(default=0.75, gt=0.0, le=1.0, description="image guidance strength at L2")
+    negative_prompt: str = "blurry, low quality, distorted, watermark, text"
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value):
+        if value % 8:
+            raise ValueError("resolution must be a multiple of 8")
+        return value
+
+
+class TrainingSpec(_Strict):
+    architecture: Literal["mobilenet_v2", "resnet18"] = "mobilenet_v2"
+    epochs: int = Field(default=5, ge=1, le=1000)
+    batch_size: int = Field(default=128, ge=1, le=8192)
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0)
+    image_size: int = Field(default=224, ge=16, le=1024)
+    num_workers: int = Field(default=1, ge=1, le=1024)
+
+
+class RequestSpec(_Strict):
+    request_id: str
+    tenant: str
+    task: Literal["classification", "detection"] = "classification"
+    subject: str = Field(min_length=1, max_length=200, description="the subject noun, e.g. 'husky dog'")
+    labels: list[LabelSpec] = Field(min_length=2)
+    references: list[ReferenceSpec] = Field(min_length=1)
+    privacy: PrivacySpec = PrivacySpec()
+    synthesis: SynthesisSpec = SynthesisSpec()
+    training: TrainingSpec = TrainingSpec()
+    test_set: str | None = Field(default=None, description="URI of a folder with one subfolder per label")
+    min_references: int = Field(default=1, ge=1)
+
+    @field_validator("request_id", "tenant")
+    @classmethod
+    def _safe_id(cls, value):
+        if not _ID.match(value):
+            raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.task != "classification":
+            raise ValueError(f"task {self.task!r} is not supported yet; use 'classification'")
+        names = [label.name for label in self.labels]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"labels: duplicate label names {duplicates}")
+        for i, ref in enumerate(self.references):
+            if ref.label is not None and ref.label not in names:
+                raise ValueError(f"references[{i}].label: {ref.label!r} is not one of the labels {names}")
+        if self.min_references > len(self.references):
+            raise ValueError(
+                f"min_references: {self.min_references} is more than the {len(self.references)} references given"
+            )
+        return self
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+
+def _describe(error: dict, document: dict) -> str:
+    loc = ".".join(str(part) for part in error["loc"]) or "(request)"
+    value = document
+    for part in error["loc"]:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            value = error.get("input")
+            break
+    message = error["msg"].removeprefix("Value error, ")
+    if error["loc"]:
+        return f"{loc} = {value!r}: {message}"
+    return message
+
+
+def parse_request(document: dict, base_uri: str | None = None, source: str = "request") -> RequestSpec:
+    """Validate a request document (already parsed) and resolve its relative URIs against base_uri."""
+    if not isinstance(document, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level, got {type(document).__name__}")
+    try:
+        spec = RequestSpec.model_validate(document)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err, document) for err in exc.errors())
+        raise SpecError(f"{source}: invalid request: {problems}") from None
+    if base_uri is None:
+        return spec
+    refs = [
+        ref.model_copy(
+            update={
+                "uri": storage.resolve(base_uri, ref.uri),
+                "mask_uri": storage.resolve(base_uri, ref.mask_uri) if ref.mask_uri else None,
+            }
+        )
+        for ref in spec.references
+    ]
+    test_set = storage.resolve(base_uri, spec.test_set) if spec.test_set else None
+    return spec.model_copy(update={"references": refs, "test_set": test_set})
+
+
+def load_request(uri: str) -> RequestSpec:
+    """Read and validate a request document (YAML or JSON) from a local path or s3:// URI."""
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{uri}: request file not found") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{uri}: request file is not UTF-8 text") from None
+    try:
+        document = json.loads(text) if uri.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{uri}: not valid YAML/JSON: {exc}") from None
+    return parse_request(document, base_uri=storage.parent(uri), source=uri)

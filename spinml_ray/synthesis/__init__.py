@@ -1,0 +1,1 @@
+"""Stage 2: synthetic images from a diffusion model hosted on Ray Serve."""

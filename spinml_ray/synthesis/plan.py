@@ -1,0 +1,104 @@
+"""Turn a request and its sanitized bundle into work items for the diffusion deployment.
+
+The level of each object decides the conditioning (see docs/DESIGN.md, "From levels to pipelines"):
+- L1 objects contribute their edge maps to one ControlNet (Canny) image;
+- an L2 target gives image guidance from its released pixels (img2img);
+- an L2 background alone is kept and the target's region is inpainted on it;
+- both at L2 give image guidance from the two released parts together.
+A fraction `alpha` of each label's images comes from the L0_L0 pool (text only). Only the sanitized
+rows are read here: the raw references are never opened after sanitization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from spinml_ray.images import decode_png, encode_png
+from spinml_ray.spec import Level, RequestSpec
+from spinml_ray.synthesis.prompts import build_prompt
+from spinml_ray.synthesis.workitems import WorkItem
+
+L0_L0 = "L0_L0"
+
+
+def image_seed(base_seed: int, label: str, index: int) -> int:
+    """A recorded per-image seed: the same request regenerates the same image."""
+    digest = hashlib.sha256(f"{base_seed}:{label}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _resize_edges(edges: np.ndarray, size: int) -> np.ndarray:
+    small = cv2.resize(edges.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return np.where(small > 0, 255, 0).astype(np.uint8)
+
+
+def _resize_rgb(pixels: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.LANCZOS))
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
+
+
+def conditioning(target: dict, background: dict, size: int) -> dict[str, bytes | None]:
+    """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows."""
+    rows = {"target": target, "background": background}
+    edges = [decode_png(r["payload"]) for r in rows.values() if r["level"] == Level.L1.value]
+    released = {name: r for name, r in rows.items() if r["level"] == Level.L2.value}
+    out: dict[str, bytes | None] = {"control_image": None, "init_image": None, "mask_image": None}
+    if edges:
+        combined = _resize_edges(np.maximum.reduce(edges), size)
+        out["control_image"] = encode_png(np.stack([combined] * 3, axis=-1))
+    if released:
+        pixels = sum(decode_png(r["payload"]).astype(np.uint16) for r in released.values())
+        out["init_image"] = encode_png(_resize_rgb(np.clip(pixels, 0, 255).astype(np.uint8), size))
+        if set(released) == {"background"}:
+            hole = ~(decode_png(released["background"]["region"]) > 0)
+            out["mask_image"] = encode_png(_resize_mask(hole, size))
+    return out
+
+
+def plan_work_items(spec: RequestSpec, sanitized: list[dict]) -> list[WorkItem]:
+    """Every synthetic image the request needs, with its prompt, seed and conditioning."""
+    by_ref: dict[str, dict[str, dict]] = {}
+    for row in sanitized:
+        by_ref.setdefault(row["ref_id"], {})[row["object"]] = row
+    refs = sorted(ref for ref, objs in by_ref.items() if {"target", "background"} <= set(objs))
+    privacy, synth = spec.privacy, spec.synthesis
+    config = privacy.config
+    n = synth.images_per_label
+    n_l0 = n if config == L0_L0 else round(privacy.alpha * n)
+    if n_l0 < n and not refs:
+        raise ValueError(f"privacy {config} needs sanitized references, and none were accepted")
+    conditions: dict[str, dict] = {}
+    items = []
+    for label in spec.labels:
+        own = [r for r in refs if by_ref[r]["target"].get("label") in (None, label.name)] or refs
+        for index in range(n):
+            seed = image_seed(synth.seed, label.name, index)
+            common = dict(
+                image_id=f"{label.name}-{index:05d}",
+                request_id=spec.request_id,
+                tenant=spec.tenant,
+                label=label.name,
+                negative_prompt=synth.negative_prompt,
+                seed=seed,
+                resolution=synth.resolution,
+                steps=synth.steps,
+                guidance=synth.guidance,
+                strength=synth.strength,
+            )
+            if index < n_l0:
+                prompt = build_prompt(spec.subject, label.phrase, seed)
+                items.append(WorkItem(pool=L0_L0, prompt=prompt, **common))
+                continue
+            ref = own[index % len(own)]
+            if ref not in conditions:
+                conditions[ref] = conditioning(by_ref[ref]["target"], by_ref[ref]["background"], synth.resolution)
+            prompt = build_prompt(spec.subject, label.phrase, seed, describe_setting=privacy.background == Level.L0)
+            items.append(WorkItem(pool=config, prompt=prompt, source_ref=ref, **conditions[ref], **common))
+    return items

@@ -1,0 +1,102 @@
+"""The specialized classifier: model, data preparation, one epoch of training, evaluation.
+
+Plain PyTorch, no Ray: `stages/train.py` runs these inside Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+from spinml_ray import storage
+from spinml_ray.images import decode_rgb
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def build_model(architecture: str, num_classes: int) -> torch.nn.Module:
+    """A torchvision classifier with a fresh `num_classes`-way head (random init)."""
+    if architecture == "mobilenet_v2":
+        return torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
+    if architecture == "resnet18":
+        return torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    raise ValueError(f"architecture {architecture!r} is not supported (mobilenet_v2, resnet18)")
+
+
+def images_to_uint8(images: list[bytes], size: int) -> torch.Tensor:
+    """N x 3 x size x size uint8 tensor from encoded images (kept as uint8 to bound memory)."""
+    arrays = [np.asarray(Image.fromarray(decode_rgb(b)).resize((size, size), Image.BILINEAR)) for b in images]
+    if not arrays:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    return (batch.float() / 255.0 - IMAGENET_MEAN.to(batch.device)) / IMAGENET_STD.to(batch.device)
+
+
+def split_train_val(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded index split; at least one validation example when n >= 2."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if n >= 2 else 0
+    return order[n_val:], order[:n_val]
+
+
+def train_epoch(model, loader, optimizer, device) -> float:
+    model.train()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    total, count = 0.0, 0
+    for images, targets in loader:
+        images, targets = normalize(images.to(device)), targets.to(device)
+        optimizer.zero_grad()
+        loss = loss_fn(model(images), targets)
+        loss.backward()
+        optimizer.step()
+        total += float(loss) * len(targets)
+        count += len(targets)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model, images: torch.Tensor, targets: torch.Tensor, num_classes: int, batch_size: int = 64) -> dict:
+    """top-1 accuracy, per-class accuracy and the confusion matrix (rows: true, columns: predicted)."""
+    model.eval()
+    device = next(model.parameters()).device
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        logits = model(normalize(images[start : start + batch_size].to(device)))
+        predictions.append(logits.argmax(dim=1).cpu())
+    predicted = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    confusion = torch.zeros((num_classes, num_classes), dtype=torch.long)
+    for t, p in zip(targets.tolist(), predicted.tolist()):
+        confusion[t, p] += 1
+    per_class = [
+        float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else None for c in range(num_classes)
+    ]
+    accuracy = float((predicted == targets).float().mean()) if len(targets) else None
+    return {"accuracy": accuracy, "per_class_accuracy": per_class, "confusion": confusion.tolist(), "n": len(targets)}
+
+
+def load_image_folder(uri: str, labels: list[str]) -> tuple[list[bytes], list[int]]:
+    """Images from `{uri}/{label}/*.png|jpg|...`, for the labels given (other folders are ignored)."""
+    images, targets = [], []
+    for index, label in enumerate(labels):
+        for file in storage.list_files(storage.join(uri, label)):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(storage.read_bytes(file))
+                targets.append(index)
+    if not images:
+        raise FileNotFoundError(f"{uri}: no test images in folders named after the labels {labels}")
+    return images, targets
+
+
+def state_dict_bytes(model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
