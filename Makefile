@@ -1,0 +1,37 @@
+# spinml-ray: `make demo` runs the offline example end to end; `make test` runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+# Offline and loopback-only by default: no model-hub lookups, every Ray port on 127.0.0.1.
+export HF_HUB_OFFLINE ?= 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: venv demo test test-fast bench example clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	bash cluster/demo.sh
+
+test: venv
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -ra -m "not cluster"
+
+bench: venv
+	$(BIN)/python bench/bench_leakage.py
+
+example: venv
+	$(BIN)/spinml example examples
+
+clean:
+	rm -rf spinml-data .pytest_cache
