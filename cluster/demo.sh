@@ -13,8 +13,8 @@ export RAY_PORT="${RAY_PORT:-6379}" RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-82
 storage="${SPINML_STORAGE:-$repo_root/spinml-data}"
 request="${SPINML_REQUEST:-examples/request.yaml}"
 
-if ray status --address "127.0.0.1:$RAY_PORT" >/dev/null 2>&1; then
-  echo "demo: a Ray cluster already listens on 127.0.0.1:$RAY_PORT; stop it or set RAY_PORT/RAY_DASHBOARD_PORT" >&2
+if (exec 3<>"/dev/tcp/127.0.0.1/$RAY_PORT") 2>/dev/null; then
+  echo "demo: something (a Ray cluster?) already listens on 127.0.0.1:$RAY_PORT; stop it or set RAY_PORT/RAY_DASHBOARD_PORT" >&2
   exit 1
 fi
 bash cluster/start-local.sh >/dev/null

@@ -39,9 +39,10 @@ def decode_rgb(data: bytes, what: str = "image") -> np.ndarray:
     """HxWx3 uint8 RGB, with EXIF orientation applied; all metadata is dropped with the container."""
     image = _open(data, what)
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit samples scale by 257 (65535 -> 255); 32-bit "I" images holding 8-bit data are kept.
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max() > 255 else 255.0
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")

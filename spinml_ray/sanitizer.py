@@ -86,7 +86,7 @@ def sanitize_image(
     height, width = image.shape[:2]
     if target_mask is None:
         if any(level != Level.L0 for level in levels.values()):
-            raise ImageError(f"{ref_id}: needs a mask or a box for levels {target.value}/{background.value}")
+            raise ImageError(f"{ref_id}: needs a mask or a box for levels {levels['target'].value}_{levels['background'].value}")
     else:
         validate_target_mask(target_mask, f"{ref_id} mask")
     rows = []

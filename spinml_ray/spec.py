@@ -110,7 +110,7 @@ class RequestSpec(_Strict):
     @field_validator("request_id", "tenant")
     @classmethod
     def _safe_id(cls, value):
-        if not _ID.match(value):
+        if not _ID.fullmatch(value):
             raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value
 
@@ -138,6 +138,8 @@ class RequestSpec(_Strict):
 
 def _describe(error: dict, document: dict) -> str:
     loc = ".".join(str(part) for part in error["loc"]) or "(request)"
+    if error["type"] == "missing":
+        return f"{loc}: required field is missing"
     value = document
     for part in error["loc"]:
         try:

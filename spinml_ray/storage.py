@@ -59,20 +59,23 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return _s3(os.environ.get("AWS_ENDPOINT_URL"), region), uri[len("s3://") :].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"{uri}: unsupported storage scheme (use a local path or s3://bucket/prefix)")
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(_local(uri)))
+
+
+def _local(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return "s3://" + posixpath.join(uri[len("s3://") :].rstrip("/"), *parts)
-    return os.path.join(uri, *parts)
+    return os.path.join(_local(uri), *parts)
 
 
 def parent(uri: str) -> str:
     if is_s3(uri):
         return "s3://" + posixpath.dirname(uri[len("s3://") :].rstrip("/"))
-    return os.path.dirname(os.path.abspath(uri))
+    return os.path.dirname(os.path.abspath(_local(uri)))
 
 
 def resolve(base: str, uri: str) -> str:
@@ -80,8 +83,12 @@ def resolve(base: str, uri: str) -> str:
     if is_s3(uri) or os.path.isabs(uri) or "://" in uri:
         return uri
     if is_s3(base):
-        return "s3://" + posixpath.normpath(posixpath.join(base[len("s3://") :], uri))
-    return os.path.normpath(os.path.join(base, uri))
+        bucket = base[len("s3://") :].split("/", 1)[0]
+        joined = posixpath.normpath(posixpath.join(base[len("s3://") :], uri))
+        if joined != bucket and not joined.startswith(bucket + "/"):
+            raise ValueError(f"{uri}: relative URI leaves the bucket of {base}")
+        return "s3://" + joined
+    return os.path.normpath(os.path.join(_local(base), uri))
 
 
 def exists(uri: str) -> bool:

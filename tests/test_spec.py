@@ -194,11 +194,6 @@ def test_missing_subject_is_named():
     assert "required" in message.lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec._describe: for a missing field the 'value' falls back to pydantic's input, i.e. the "
-    "whole parent document, so the message reads 'subject = {<entire request>}: Field required'",
-)
 def test_missing_subject_message_does_not_dump_the_document():
     document = base_document()
     del document["subject"]
@@ -314,3 +309,15 @@ def test_parse_does_not_mutate_the_document():
     before = copy.deepcopy(document)
     parse_request(document, base_uri="/base")
     assert document == before
+
+
+@pytest.mark.parametrize("field", ["request_id", "tenant"])
+def test_id_with_trailing_newline_is_rejected(field):
+    message = error_of(with_change((field,), "req-1\n"))
+    assert field in message
+
+
+def test_example_request_loads_through_file_uri():
+    spec = load_request("file://" + os.path.abspath(EXAMPLE_REQUEST))
+    for ref in spec.references:
+        assert os.path.isfile(ref.uri.removeprefix("file://")), ref.uri

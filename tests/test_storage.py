@@ -332,3 +332,15 @@ def test_s3_upload_download_round_trip(s3_prefix, tmp_path):
         assert (target / name).read_bytes() == data
     with pytest.raises(FileNotFoundError):
         storage.download_dir(storage.join(s3_prefix, "absent"), str(tmp_path / "never"))
+
+
+def test_parent_of_file_uri():
+    assert storage.parent("file:///data/req/request.yaml") in ("/data/req", "file:///data/req")
+
+
+def test_s3_resolve_does_not_climb_out_of_the_bucket():
+    try:
+        resolved = storage.resolve("s3://bucket/req", "../../../x.png")
+    except ValueError:
+        return
+    assert resolved.startswith("s3://bucket/") and ".." not in resolved, resolved

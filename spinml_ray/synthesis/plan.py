@@ -12,6 +12,7 @@ rows are read here: the raw references are never opened after sanitization.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import cv2
 import numpy as np
@@ -71,7 +72,7 @@ def plan_work_items(spec: RequestSpec, sanitized: list[dict]) -> list[WorkItem]:
     privacy, synth = spec.privacy, spec.synthesis
     config = privacy.config
     n = synth.images_per_label
-    n_l0 = n if config == L0_L0 else round(privacy.alpha * n)
+    n_l0 = n if config == L0_L0 else math.floor(privacy.alpha * n + 0.5)  # half rounds up
     if n_l0 < n and not refs:
         raise ValueError(f"privacy {config} needs sanitized references, and none were accepted")
     conditions: dict[str, dict] = {}

@@ -7,8 +7,8 @@
 One GPU per replica on GPU clusters (none on CPU); the model is loaded once per replica.
 """
 
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: FastAPI must see the real types of the route bodies.
 import asyncio
 import logging
 

@@ -1,0 +1,212 @@
+"""The request end to end on a local Ray cluster (loopback only): local storage, S3, Serve over HTTP."""
+
+import io
+import json
+import os
+
+import boto3
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+
+from conftest import free_port
+from spinml_ray import storage
+from spinml_ray.examples import make_scene, write_example
+from spinml_ray.images import decode_png, digest, encode_png
+from spinml_ray.training.classifier import build_model
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """One local Ray for the module; the S3 settings are set before it starts, so workers inherit them."""
+    import ray
+    from ray import serve
+
+    from spinml_ray.cluster import connect
+
+    connect(num_cpus=4)
+    yield ray
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def synthesis(ray_cluster, http_port):
+    """The synthesis app, deployed once and shared by the tests (as a platform would run it)."""
+    from spinml_ray.synthesis.service import ensure_running
+
+    handle, _ = ensure_running("tiny", http_port=http_port)
+    return handle
+
+
+def run(request_uri, storage_root, http_port, stages=("sanitize", "synthesize", "train"), model="tiny"):
+    from spinml_ray.pipeline import run_request
+
+    return run_request(request_uri, storage_root, model=model, stages=stages, http_port=http_port, keep_serving=True)
+
+
+def test_example_request_end_to_end(tmp_path, synthesis, http_port):
+    request_uri = write_example(str(tmp_path / "request"))
+    out = str(tmp_path / "out")
+    summary = run(request_uri, out, http_port)
+    base = os.path.join(out, "demo", "example-duck")
+    assert summary["output"] == base
+
+    sanitized = storage.read_committed_table(os.path.join(base, "sanitized")).to_pylist()
+    assert len(sanitized) == 8 and summary["sanitize"]["accepted"] == 4
+    for row in sanitized:
+        if row["object"] == "target":
+            assert row["level"] == "L1" and 0 < row["mi"] < 1
+            edges = decode_png(row["payload"])
+            assert edges.shape == (96, 128) and set(np.unique(edges)) <= {0, 255} and edges.any()
+        else:
+            assert row["level"] == "L0" and row["payload"] is None and row["region"] is None and row["mi"] == 0
+    assert storage.read_table(os.path.join(base, "sanitized", "rejections.parquet")).num_rows == 0
+
+    synthetic = storage.read_committed_table(os.path.join(base, "synthetic")).to_pylist()
+    assert len(synthetic) == 16
+    for label in ("floating", "resting"):
+        pools = [r["pool"] for r in synthetic if r["label"] == label]
+        assert pools.count("L0_L0") == 2 and pools.count("L1_L0") == 6  # alpha = 0.25 of 8
+    assert {r["kind"] for r in synthetic if r["pool"] == "L0_L0"} == {"txt2img"}
+    assert {r["kind"] for r in synthetic if r["pool"] == "L1_L0"} == {"controlnet"}
+    assert len({r["seed"] for r in synthetic}) == 16
+    assert all(decode_png(r["image"]).shape == (64, 64, 3) for r in synthetic)
+    assert all(r["condition_sha256"] == r["received_sha256"] for r in synthetic)
+    assert all("yellow rubber duck" in r["prompt"] for r in synthetic)
+
+    model_dir = os.path.join(base, "model")
+    assert sorted(storage.read_manifest(model_dir)["files"]) == ["metrics.json", "model.pt", "settings.json"]
+    model = build_model("mobilenet_v2", 2)
+    model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(os.path.join(model_dir, "model.pt")))))
+    metrics = storage.read_json(os.path.join(model_dir, "metrics.json"))
+    assert metrics["evaluated_on"] == "real test set" and metrics["n"] == 8
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and np.array(metrics["confusion"]).sum() == 8
+    settings = storage.read_json(os.path.join(model_dir, "settings.json"))
+    assert settings["privacy"]["target"] == "L1" and settings["training"]["epochs"] == 2
+
+
+def _write_request(folder, images_and_masks, target, background, request_id):
+    os.makedirs(folder, exist_ok=True)
+    refs = []
+    for i, (image, mask) in enumerate(images_and_masks):
+        (folder / f"ref{i}.png").write_bytes(encode_png(image))
+        (folder / f"mask{i}.png").write_bytes(encode_png(mask))
+        refs.append({"uri": f"ref{i}.png", "mask_uri": f"mask{i}.png"})
+    request = {
+        "request_id": request_id,
+        "tenant": "privacy",
+        "subject": "yellow rubber duck",
+        "labels": [{"name": "floating", "phrase": "floating"}, {"name": "resting", "phrase": "resting"}],
+        "references": refs,
+        "privacy": {"target": target, "background": background, "alpha": 0.0},
+        "synthesis": {"images_per_label": 2, "resolution": 32, "steps": 2, "seed": 3},
+    }
+    (folder / "request.yaml").write_text(yaml.safe_dump(request))
+    return str(folder / "request.yaml")
+
+
+@pytest.mark.parametrize("background", ["L1", "L2"])
+def test_target_at_l0_never_leaves_sanitization(tmp_path, synthesis, http_port, background):
+    """Change only the target's pixels: everything after sanitization stays byte-identical."""
+    scenes = [make_scene("floating", 11), make_scene("resting", 12)]
+    rng = np.random.default_rng(0)
+    altered = [(np.where(m[..., None], rng.integers(0, 256, img.shape, dtype=np.uint8), img), m) for img, m in scenes]
+    outputs = {}
+    for name, refs in (("original", scenes), ("altered", altered)):
+        uri = _write_request(tmp_path / name, refs, "L0", background, f"priv-{name}")
+        run(uri, str(tmp_path / "out"), http_port, stages=("sanitize", "synthesize"))
+        base = os.path.join(str(tmp_path / "out"), "privacy", f"priv-{name}")
+        outputs[name] = (
+            storage.read_committed_table(os.path.join(base, "sanitized")).sort_by([("ref_id", "ascending"), ("object", "ascending")]).to_pylist(),
+            storage.read_committed_table(os.path.join(base, "synthetic")).sort_by("image_id").to_pylist(),
+        )
+    (san_a, syn_a), (san_b, syn_b) = outputs["original"], outputs["altered"]
+    for row in san_a:
+        if row["object"] == "target":
+            assert row["payload"] is None and row["region"] is None and row["mi"] == 0.0
+    for row_a, row_b in zip(san_a, san_b, strict=True):
+        # `mi` is the artifact's normalised leakage: divided by the whole raw image's entropy, it is the
+        # one documented scalar of the bundle that the raw image (target included) can move; the planner
+        # never reads it, and nothing else may differ.
+        assert {k: v for k, v in row_a.items() if k != "mi"} == {k: v for k, v in row_b.items() if k != "mi"}
+    # What the deployment received (digest computed on the replica) and what it made are identical.
+    assert [r["received_sha256"] for r in syn_a] == [r["received_sha256"] for r in syn_b]
+    assert all(r["received_sha256"] for r in syn_a)
+    assert [r["image"] for r in syn_a] == [r["image"] for r in syn_b]
+    # The released background holds nothing inside the target's region.
+    if background == "L2":
+        for row, (_, mask) in zip([r for r in san_a if r["object"] == "background"], scenes):
+            assert not decode_png(row["payload"])[mask].any()
+
+
+def test_request_on_s3_with_model_from_s3(tmp_path, s3_server, synthesis, http_port):
+    """Request, references, model source and outputs all on S3; the Serve replica reads the model there."""
+    from ray import serve
+
+    from spinml_ray.models.source import resolve
+    from spinml_ray.synthesis.service import APP_NAME
+
+    endpoint, bucket = s3_server
+    local = tmp_path / "request"
+    write_example(str(local))
+    storage.upload_dir(str(local), f"s3://{bucket}/requests/duck")
+    storage.upload_dir(resolve("tiny"), f"s3://{bucket}/models/tiny-sd")
+    serve.delete(APP_NAME)  # the next run deploys its own app with the S3 model source
+    try:
+        summary = run(f"s3://{bucket}/requests/duck/request.yaml", f"s3://{bucket}/spinml", http_port,
+                      model=f"s3://{bucket}/models/tiny-sd")
+    finally:
+        serve.delete(APP_NAME)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    keys = {obj["Key"] for obj in s3.list_objects_v2(Bucket=bucket, Prefix="spinml/")["Contents"]}
+    prefix = "spinml/demo/example-duck/"
+    for name in ("sanitized/_SUCCESS.json", "synthetic/_SUCCESS.json", "model/model.pt", "model/metrics.json"):
+        assert prefix + name in keys
+    metrics = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "model/metrics.json")["Body"].read())
+    assert metrics["n"] == 8 and summary["synthesize"]["images"] == 16
+
+
+def test_serve_over_http_and_handle(synthesis, http_port):
+    from spinml_ray.synthesis.service import ensure_running
+    from spinml_ray.synthesis.workitems import GeneratedImage, WorkItem
+
+    handle, _ = ensure_running("tiny", http_port=http_port)
+    url = f"http://127.0.0.1:{http_port}/spinml"
+    health = requests.get(f"{url}/healthz", timeout=60).json()
+    assert health["status"] == "ok" and "controlnet" in health["pipelines"]
+    item = WorkItem(image_id="h-1", request_id="r", tenant="t", label="a", pool="L0_L0",
+                    prompt="A photo of a duck", seed=5, resolution=32, steps=2, guidance=5.0)
+    response = requests.post(f"{url}/v1/generate", json={"items": [item.model_dump(mode="json")]}, timeout=120)
+    assert response.status_code == 200, response.text
+    over_http = GeneratedImage.model_validate(response.json()["images"][0])
+    by_handle = handle.generate.remote(item).result()
+    assert decode_png(over_http.image).shape == (32, 32, 3)
+    assert over_http.image == by_handle.image  # one code path, same seed, same image
+
+    bad = item.model_dump(mode="json") | {"resolution": 30}
+    response = requests.post(f"{url}/v1/generate", json={"items": [bad]}, timeout=60)
+    assert response.status_code == 422 and "resolution" in response.text
+
+
+def test_one_bad_item_does_not_fail_its_batch(synthesis):
+    from spinml_ray.synthesis.workitems import WorkItem
+
+    common = dict(request_id="r", tenant="t", label="a", pool="x", prompt="A photo of a duck", resolution=32,
+                  steps=2, guidance=5.0)
+    good = [WorkItem(image_id=f"good-{i}", seed=i, **common) for i in range(3)]
+    bad = WorkItem(image_id="bad", seed=9, init_image=b"not an image", **common)
+    responses = [synthesis.generate.remote(item) for item in [*good, bad]]
+    for response in responses[:3]:
+        assert decode_png(response.result().image).shape == (32, 32, 3)
+    with pytest.raises(Exception, match="bad|image|identify"):
+        responses[3].result()

@@ -1,0 +1,308 @@
+"""Tests for synthesis planning (spinml_ray/synthesis/plan.py, prompts.py, workitems.py)."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from spinml_ray.examples import LABELS, make_scene
+from spinml_ray.images import decode_png
+from spinml_ray.sanitizer import sanitize_image
+from spinml_ray.spec import Level, parse_request
+from spinml_ray.synthesis.plan import L0_L0, image_seed, plan_work_items
+from spinml_ray.synthesis.prompts import SETTINGS, build_prompt
+from spinml_ray.synthesis.workitems import WorkItem
+
+SUBJECT = "yellow rubber duck"
+RESOLUTION = 64
+LEVELS = ("L0", "L1", "L2")
+EXPECTED_KIND = {
+    "L0_L0": "txt2img",
+    "L1_L0": "controlnet",
+    "L0_L1": "controlnet",
+    "L1_L1": "controlnet",
+    "L2_L0": "img2img",
+    "L0_L2": "inpaint",
+    "L2_L2": "img2img",
+    "L1_L2": "controlnet_inpaint",
+    "L2_L1": "controlnet_img2img",
+}
+
+
+def make_spec(target="L1", background="L0", alpha=0.0, n=4, seed=0, labels=(("floating", "floating"), ("resting", "resting"))):
+    references = [{"uri": f"{ref_id}.png", "label": label} for ref_id, label in labels]
+    document = {
+        "request_id": "req-plan",
+        "tenant": "acme",
+        "subject": SUBJECT,
+        "labels": [{"name": name, "phrase": phrase} for name, phrase in LABELS.items()],
+        "references": references,
+        "privacy": {"target": target, "background": background, "alpha": alpha},
+        "synthesis": {"images_per_label": n, "resolution": RESOLUTION, "steps": 4, "seed": seed},
+    }
+    return parse_request(document)
+
+
+REFS = (("ref-0000", "floating"), ("ref-0001", "floating"), ("ref-0002", "resting"), ("ref-0003", "resting"))
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return {ref_id: make_scene(label, 10 + i) for i, (ref_id, label) in enumerate(REFS)}
+
+
+def sanitized_rows(scenes, target, background, refs=REFS, images=None):
+    rows = []
+    for ref_id, label in refs:
+        image, mask = scenes[ref_id]
+        if images is not None and ref_id in images:
+            image = images[ref_id]
+        rows.extend(sanitize_image(ref_id, image, mask, Level(target), Level(background), label=label))
+    return rows
+
+
+def plan(scenes, target="L1", background="L0", alpha=0.0, n=4, seed=0, refs=REFS, images=None):
+    spec = make_spec(target, background, alpha, n, seed, labels=refs)
+    return plan_work_items(spec, sanitized_rows(scenes, target, background, refs, images))
+
+
+def resized_mask(mask, size=RESOLUTION):
+    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+
+
+def eroded(mask, pixels=3):
+    return cv2.erode(mask.astype(np.uint8), np.ones((2 * pixels + 1, 2 * pixels + 1), np.uint8)) > 0
+
+
+# ---------------------------------------------------------------- level -> pipeline mapping
+
+
+@pytest.mark.parametrize("target, background", list(itertools.product(LEVELS, LEVELS)))
+def test_kind_and_conditioning_follow_the_levels(scenes, target, background):
+    config = f"{target}_{background}"
+    items = plan(scenes, target, background, alpha=0.0, n=4)
+    assert len(items) == 4 * len(LABELS)
+    assert {item.kind for item in items} == {EXPECTED_KIND[config]}
+    assert {item.pool for item in items} == {config}
+    uses_l1 = "L1" in (target, background)
+    uses_l2 = "L2" in (target, background)
+    for item in items:
+        assert (item.control_image is not None) == uses_l1
+        assert (item.init_image is not None) == uses_l2
+        assert (item.mask_image is not None) == (target != "L2" and background == "L2")
+        assert item.resolution == RESOLUTION
+        assert (item.source_ref is None) == (config == L0_L0)
+        for png in (item.control_image, item.init_image, item.mask_image):
+            if png is not None:
+                assert decode_png(png).shape[:2] == (RESOLUTION, RESOLUTION)
+        if item.control_image is not None:
+            control = decode_png(item.control_image)
+            assert control.shape == (RESOLUTION, RESOLUTION, 3)
+            assert set(np.unique(control).tolist()) <= {0, 255} and control.any()
+        if item.source_ref is None:
+            continue
+        target_mask = resized_mask(scenes[item.source_ref][1])
+        if item.init_image is not None:
+            init = decode_png(item.init_image)
+            if target == "L0" or target == "L1":
+                # no target pixels in the image guidance: the target's area is black
+                assert init[eroded(target_mask)].max() < 12
+            if background != "L2":
+                assert init[eroded(~target_mask)].max() < 12
+            if target == "L2":
+                assert init[eroded(target_mask)].mean() > 60  # the duck's own (bright) pixels
+        if item.mask_image is not None:
+            hole = decode_png(item.mask_image) > 0
+            iou = (hole & target_mask).sum() / (hole | target_mask).sum()
+            assert iou > 0.9  # the region to inpaint is the target's
+
+
+def test_l1_l1_control_is_the_union_of_both_edge_maps(scenes):
+    def controls(target, background):
+        return {(i.source_ref, i.image_id): decode_png(i.control_image) for i in plan(scenes, target, background)}
+
+    both, target_only, background_only = controls("L1", "L1"), controls("L1", "L0"), controls("L0", "L1")
+    assert both.keys() == target_only.keys() == background_only.keys()
+    for key, control in both.items():
+        assert np.array_equal(control, np.maximum(target_only[key], background_only[key]))
+        assert np.count_nonzero(control) > np.count_nonzero(target_only[key])
+
+
+def test_workitem_kind_with_mask_but_no_init_raises():
+    item = WorkItem(
+        image_id="x-00000", request_id="r", tenant="t", label="x", pool="L0_L2", prompt="p",
+        seed=1, resolution=64, steps=1, guidance=1.0, mask_image=b"\x89PNG",
+    )
+    with pytest.raises(ValueError, match="mask_image given without init_image"):
+        item.kind
+
+
+# ---------------------------------------------------------------- alpha mixing
+
+
+@pytest.mark.parametrize("config", ["L1_L0", "L2_L2", "L0_L2"])
+def test_alpha_mixes_the_l0_l0_pool(scenes, config):
+    target, background = config.split("_")
+    items = plan(scenes, target, background, alpha=0.25, n=8)
+    assert len(items) == 16
+    for label in LABELS:
+        own = [i for i in items if i.label == label]
+        assert len(own) == 8
+        l0 = [i for i in own if i.pool == L0_L0]
+        rest = [i for i in own if i.pool != L0_L0]
+        assert len(l0) == 2 and len(rest) == 6
+        assert {i.pool for i in rest} == {config}
+        for item in l0:
+            assert item.kind == "txt2img" and item.source_ref is None
+            assert (item.control_image, item.init_image, item.mask_image) == (None, None, None)
+        assert {i.kind for i in rest} == {EXPECTED_KIND[config]}
+
+
+def test_l0_l0_config_ignores_alpha(scenes):
+    items = plan(scenes, "L0", "L0", alpha=0.5, n=8)
+    assert len(items) == 16
+    assert all(i.pool == L0_L0 and i.kind == "txt2img" for i in items)
+
+
+def test_alpha_one_needs_no_references():
+    spec = make_spec("L2", "L1", alpha=1.0, n=3)
+    items = plan_work_items(spec, [])
+    assert len(items) == 6 and all(i.pool == L0_L0 for i in items)
+
+
+def test_references_required_when_a_pool_needs_them():
+    spec = make_spec("L2", "L1", alpha=0.0, n=3)
+    with pytest.raises(ValueError, match="L2_L1"):
+        plan_work_items(spec, [])
+
+
+# ---------------------------------------------------------------- seeds and ids
+
+
+def test_seeds_are_deterministic_and_distinct(scenes):
+    first = plan(scenes, "L1", "L0", n=8, seed=5)
+    again = plan(scenes, "L1", "L0", n=8, seed=5)
+    other = plan(scenes, "L1", "L0", n=8, seed=6)
+    seeds = [i.seed for i in first]
+    assert seeds == [i.seed for i in again]
+    assert first == again  # the whole plan is reproducible
+    assert len(set(seeds)) == len(seeds)
+    assert len({i.image_id for i in first}) == len(first)
+    other_seeds = [i.seed for i in other]
+    assert sum(a != b for a, b in zip(seeds, other_seeds)) == len(seeds)
+    assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_image_seed_depends_on_every_input():
+    base = image_seed(0, "a", 0)
+    assert image_seed(0, "a", 0) == base
+    assert len({base, image_seed(1, "a", 0), image_seed(0, "b", 0), image_seed(0, "a", 1)}) == 4
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@pytest.mark.parametrize("target, background", list(itertools.product(LEVELS, LEVELS)))
+def test_prompts_name_subject_and_label_and_hide_setting_when_background_released(scenes, target, background):
+    items = plan(scenes, target, background, alpha=0.25, n=8)
+    config = f"{target}_{background}"
+    for item in items:
+        assert SUBJECT in item.prompt
+        assert LABELS[item.label] in item.prompt
+        settings_named = [s for s in SETTINGS if s in item.prompt]
+        if item.pool == config and background != "L0":
+            assert settings_named == [], item.prompt
+        else:
+            assert len(settings_named) == 1, item.prompt
+
+
+def test_build_prompt_is_seeded():
+    assert build_prompt("husky dog", "sleeping", 3) == build_prompt("husky dog", "sleeping", 3)
+    prompts = {build_prompt("husky dog", "sleeping", s) for s in range(40)}
+    assert len(prompts) > 5
+    assert all(p.startswith("A photo of a husky dog sleeping") for p in prompts)
+    assert build_prompt("owl", "flying", 1).startswith("A photo of an owl flying")
+    assert "sks husky dog" in build_prompt("husky dog", "sleeping", 1, token="sks")
+    assert not any(s in build_prompt("dog", "x", s_, describe_setting=False) for s_ in range(20) for s in SETTINGS)
+
+
+# ---------------------------------------------------------------- references per label
+
+
+def test_labelled_references_are_used_only_for_their_label(scenes):
+    items = plan(scenes, "L2", "L0", n=6)
+    label_of = dict(REFS)
+    used = {label: set() for label in LABELS}
+    for item in items:
+        assert label_of[item.source_ref] == item.label
+        used[item.label].add(item.source_ref)
+    assert used == {label: {r for r, l in REFS if l == label} for label in LABELS}
+
+
+def test_unlabelled_references_serve_every_label(scenes):
+    refs = (("ref-0000", "floating"), ("ref-0002", None))
+    items = plan(scenes, "L1", "L0", n=4, refs=refs)
+    assert {i.source_ref for i in items if i.label == "resting"} == {"ref-0002"}
+    assert {i.source_ref for i in items if i.label == "floating"} == {"ref-0000", "ref-0002"}
+
+
+# ---------------------------------------------------------------- privacy of L0 objects
+
+
+@pytest.mark.parametrize(
+    "target, background, changed",
+    [("L0", "L1", "target"), ("L0", "L2", "target"), ("L1", "L0", "background"), ("L2", "L0", "background")],
+)
+def test_l0_object_pixels_never_reach_work_items(scenes, target, background, changed):
+    rng = np.random.default_rng(1)
+    images = {}
+    for ref_id, _ in REFS:
+        image, mask = scenes[ref_id]
+        where = mask if changed == "target" else ~mask
+        other = image.copy()
+        other[where] = rng.integers(0, 256, (int(where.sum()), 3), dtype=np.uint8)
+        images[ref_id] = other
+    original = plan(scenes, target, background, n=4)
+    altered = plan(scenes, target, background, n=4, images=images)
+    assert any(i.control_image or i.init_image for i in original)  # something is released
+    assert [i.model_dump() for i in original] == [i.model_dump() for i in altered]
+    # and the released object itself does reach them (the comparison above is not vacuous)
+    noisy = {}
+    for ref_id, _ in REFS:
+        image, mask = scenes[ref_id]
+        released_region = ~mask if changed == "target" else mask
+        noisy[ref_id] = image.copy()
+        noisy[ref_id][released_region] = rng.integers(0, 256, (int(released_region.sum()), 3), dtype=np.uint8)
+    released_changed = plan(scenes, target, background, n=4, images=noisy)
+    assert [i.model_dump() for i in original] != [i.model_dump() for i in released_changed]
+
+
+# ---------------------------------------------------------------- serialization
+
+
+def test_workitem_json_round_trip_preserves_bytes():
+    payloads = {"control_image": bytes(range(256)), "init_image": b"\x00\xff" * 500, "mask_image": b"\x89PNG\r\n\x1a\n"}
+    item = WorkItem(
+        image_id="floating-00001", request_id="r", tenant="t", label="floating", pool="L1_L2",
+        prompt="A photo.", seed=2**32 - 1, resolution=512, steps=50, guidance=7.5, source_ref="ref-0000", **payloads,
+    )
+    text = item.model_dump_json()
+    document = json.loads(text)
+    for name, data in payloads.items():
+        assert base64.urlsafe_b64decode(document[name]) == data  # pydantic writes URL-safe base64
+    back = WorkItem.model_validate_json(text)
+    assert back == item
+    for name, data in payloads.items():
+        assert getattr(back, name) == data
+    assert back.kind == "controlnet_inpaint"
+
+
+def test_planned_items_survive_json(scenes):
+    for item in plan(scenes, "L1", "L2", n=2):
+        back = WorkItem.model_validate_json(item.model_dump_json())
+        assert back == item and back.kind == item.kind == "controlnet_inpaint"
