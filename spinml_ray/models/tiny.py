@@ -15,7 +15,7 @@ import torch
 
 from spinml_ray.models.tokenizer import write_clip_tokenizer
 
-TINY_VERSION = "tiny-sd1-v1"
+TINY_VERSION = "tiny-sd1-v2"
 
 
 def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
@@ -85,5 +85,12 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
     )
     pipe.save_pretrained(out_dir)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    # A trained ControlNet starts from zero convolutions and learns them; random ones make the
+    # conditioning visibly steer the tiny model's output, which is what tests need to observe.
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                  controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.2)
     controlnet.save_pretrained(os.path.join(out_dir, "controlnet"))
     return out_dir

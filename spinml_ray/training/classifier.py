@@ -58,7 +58,7 @@ def train_epoch(model, loader, optimizer, device) -> float:
         loss = loss_fn(model(images), targets)
         loss.backward()
         optimizer.step()
-        total += float(loss) * len(targets)
+        total += loss.item() * len(targets)
         count += len(targets)
     return total / max(count, 1)
 

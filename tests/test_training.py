@@ -1,0 +1,79 @@
+"""The specialized classifier's plain-PyTorch parts (no Ray)."""
+
+import numpy as np
+import pytest
+import torch
+
+from spinml_ray.images import encode_png
+from spinml_ray.training.classifier import (
+    build_model,
+    evaluate,
+    images_to_uint8,
+    load_image_folder,
+    split_train_val,
+    train_epoch,
+)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+def test_models_have_the_requested_head(arch):
+    model = build_model(arch, 3).eval()
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(ValueError, match="vgg"):
+        build_model("vgg", 2)
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    train, val = split_train_val(20, 0.1, seed=1)
+    assert len(val) == 2 and sorted(np.concatenate([train, val]).tolist()) == list(range(20))
+    assert split_train_val(20, 0.1, seed=1)[1].tolist() == val.tolist()
+    assert split_train_val(20, 0.1, seed=2)[1].tolist() != val.tolist()
+    assert len(split_train_val(2, 0.1)[1]) == 1 and len(split_train_val(1, 0.1)[1]) == 0
+
+
+def test_images_are_decoded_and_resized():
+    batch = images_to_uint8([encode_png(np.full((10, 20, 3), 7, np.uint8))] * 2, 16)
+    assert batch.shape == (2, 3, 16, 16) and batch.dtype == torch.uint8 and int(batch.max()) == 7
+
+
+def test_training_learns_a_separable_task():
+    torch.manual_seed(0)
+    images = torch.cat([torch.full((16, 3, 16, 16), 20, dtype=torch.uint8),
+                        torch.full((16, 3, 16, 16), 230, dtype=torch.uint8)])
+    targets = torch.tensor([0] * 16 + [1] * 16)
+    model = build_model("resnet18", 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, targets), batch_size=8, shuffle=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = [train_epoch(model, loader, optimizer, "cpu") for _ in range(10)]
+    assert losses[-1] < losses[0]
+    metrics = evaluate(model, images, targets, 2)
+    assert metrics["accuracy"] == 1.0 and metrics["confusion"] == [[16, 0], [0, 16]]
+
+
+def test_evaluate_reports_per_class_and_confusion():
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0, 0.0]]).repeat(len(x), 1)
+
+    metrics = evaluate(Constant(), torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 1, 2]), 3)
+    assert metrics["accuracy"] == 0.5 and metrics["per_class_accuracy"] == [0.0, 1.0, 0.0]
+    assert metrics["confusion"] == [[0, 1, 0], [0, 2, 0], [0, 1, 0]]
+
+
+def test_image_folder_reads_only_label_folders(tmp_path):
+    for label, n in (("a", 2), ("b", 1), ("other", 3)):
+        (tmp_path / label).mkdir()
+        for i in range(n):
+            (tmp_path / label / f"{i}.png").write_bytes(encode_png(np.zeros((4, 4, 3), np.uint8)))
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    images, targets = load_image_folder(str(tmp_path), ["a", "b"])
+    assert targets == [0, 0, 1] and len(images) == 3
+    with pytest.raises(FileNotFoundError, match="no test images"):
+        load_image_folder(str(tmp_path), ["x", "y"])
