@@ -7,7 +7,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 export PATH="$repo_root/.venv/bin:$PATH"   # the job's `python` must be the project's environment
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-# Token authentication on (Ray generates ~/.ray/auth_token if missing); every client below uses it.
+# Token authentication on (start-local.sh creates ~/.ray/auth_token if missing); every client uses it.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_PORT="${RAY_PORT:-6379}" RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 storage="${SPINML_STORAGE:-$repo_root/spinml-data}"

@@ -35,6 +35,12 @@ num_cpus="${RAY_NUM_CPUS:-$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)}"
 # makes `ray start --address=...` refuse to join other nodes: this cluster is single-node by design.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 
+# Token authentication (Ray's default for new local clusters) stays on: make sure a token exists.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" && ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]]; then
+  "$ray_bin" get-auth-token --generate >/dev/null
+fi
+
 "$ray_bin" start --head \
   --node-ip-address=127.0.0.1 \
   --port="$port" \

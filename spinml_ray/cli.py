@@ -1,4 +1,8 @@
-"""The `spinml` command: run a whole request, or one stage, on a Ray cluster (local by default)."""
+"""The `spinml` command: run a whole request, or one stage, on a Ray cluster (local by default).
+
+`spinml sanitize --local ...` and `spinml sanitize REQUEST --preview` run without Ray, on the user's
+side: they write exactly what would leave (a bundle and its preview), and nothing to the server.
+"""
 
 from __future__ import annotations
 
@@ -8,69 +12,136 @@ import logging
 import os
 import sys
 
+from spinml_ray.bundle import BadReference
 from spinml_ray.images import ImageError
 from spinml_ray.spec import SpecError
 
 DEFAULT_STORAGE = os.environ.get("SPINML_STORAGE", "spinml-data")
 DEFAULT_MODEL = os.environ.get("SPINML_MODEL", "tiny")
+LEVELS = ("L0", "L1", "L2")
+
+
+def _ints(text: str, count: int, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be {count} integers separated by commas, got {text!r}") from None
+    if len(values) != count:
+        raise argparse.ArgumentTypeError(f"{name} must be {count} integers separated by commas, got {text!r}")
+    return values
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spinml", description=__doc__)
+    parser = argparse.ArgumentParser(prog="spinml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def request_command(name: str, help_text: str) -> argparse.ArgumentParser:
+    for name, help_text in (
+        ("run", "run every stage of a request"),
+        ("sanitize", "stage 1: sanitize the references (Ray Data); or --preview / --local without Ray"),
+        ("synthesize", "stage 2: generate synthetic images (Ray Serve)"),
+        ("train", "stage 3: train and evaluate the specialized model (Ray Train)"),
+    ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("request", help="request YAML/JSON: local path or s3:// URI")
+        p.add_argument("request", nargs="?" if name == "sanitize" else None, help="request YAML/JSON: local path or s3:// URI")
         p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root, local path or s3://bucket/prefix "
                        "(default $SPINML_STORAGE or ./spinml-data)")
         p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else start a local one)")
         p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a locally started Ray")
-        return p
-
-    for name, help_text in (
-        ("run", "run every stage of a request"),
-        ("sanitize", "stage 1: sanitize the references (Ray Data)"),
-        ("synthesize", "stage 2: generate synthetic images (Ray Serve)"),
-        ("train", "stage 3: train and evaluate the specialized model (Ray Train)"),
-    ):
-        p = request_command(name, help_text)
-        if name in ("run", "synthesize"):
+        if name != "train":
             p.add_argument("--model", default=DEFAULT_MODEL, help="model source: tiny, a directory, s3:// prefix or hub id")
+        if name in ("run", "sanitize"):
+            p.add_argument("--sam", default=None, help="SAM folder (sam.json + checkpoint); default: the model's sam/")
+        if name in ("run", "synthesize"):
             p.add_argument("--controlnet", default=None, help="ControlNet source (default: the model's controlnet/)")
             p.add_argument("--keep-serving", action="store_true", help="leave the synthesis app deployed")
             p.add_argument("--http-port", type=int, default=8000, help="Serve HTTP port on 127.0.0.1")
-
+        if name == "sanitize":
+            p.add_argument("--preview", action="store_true", help="write what would leave to --out; release nothing")
+            p.add_argument("--local", action="store_true", help="sanitize one image on this machine, no Ray")
+            p.add_argument("--image", help="--local: the image file")
+            where = p.add_mutually_exclusive_group()
+            where.add_argument("--mask", help="--local: PNG of the image's size, nonzero = target")
+            where.add_argument("--box", type=lambda t: _ints(t, 4, "--box"), help="--local: X0,Y0,X1,Y1 around the target")
+            p.add_argument("--target", choices=LEVELS, help="--local: the target's level")
+            p.add_argument("--background", choices=LEVELS, help="--local: the background's level")
+            p.add_argument("--canny", type=lambda t: _ints(t, 2, "--canny"), default=(100, 200), help="LOW,HIGH")
+            p.add_argument("--no-blur-faces", action="store_true", help="keep faces in released L2 pixels")
+            p.add_argument("--out", default="preview", help="--local/--preview: output folder")
     example = sub.add_parser("example", help="write the example request and its procedural images")
     example.add_argument("out_dir", nargs="?", default="examples")
     return parser
 
 
+def _sanitize_here(args, parser) -> dict:
+    """--local and --preview: sanitize in this process and write the bundle/preview to --out."""
+    from spinml_ray.bundle import reference_items, sanitize_all, write_bundle
+    from spinml_ray.preview import write_preview
+    from spinml_ray.segmentation import LazySegmenter
+    from spinml_ray.spec import SanitizationSpec, load_request
+
+    if args.local:
+        missing = [flag for flag, value in (("--image", args.image), ("--target", args.target),
+                                            ("--background", args.background)) if not value]
+        if missing:
+            parser.error(f"--local needs {', '.join(missing)}")
+        if not os.path.isfile(args.image):
+            raise BadReference(f"{args.image}: image file not found")
+        settings = SanitizationSpec(canny_low=args.canny[0], canny_high=args.canny[1], blur_faces=not args.no_blur_faces)
+        items = [{"ref_id": "ref-0000", "uri": os.path.abspath(args.image), "label": None,
+                  "mask_uri": os.path.abspath(args.mask) if args.mask else None,
+                  "box": list(args.box) if args.box else None, "points": None}]
+        target, background = args.target, args.background
+    else:
+        if not args.request:
+            parser.error("sanitize needs REQUEST (or --local)")
+        spec = load_request(args.request)
+        if spec.bundle:
+            raise SpecError(f"{args.request}: carries an already sanitized bundle; nothing to preview")
+        items, settings = reference_items(spec), spec.sanitization
+        target, background = spec.privacy.target.value, spec.privacy.background.value
+    rows, rejections = sanitize_all(items, target, background, settings, LazySegmenter(args.model, args.sam))
+    png, page = write_preview(rows, args.out, rejections)
+    result = {"preview": [png, page], "released_rows": len(rows), "rejected": rejections}
+    if args.local:
+        if rejections:
+            raise BadReference(rejections[0]["reason"])
+        result["bundle"] = write_bundle(rows, rejections, args.out)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "example":
         from spinml_ray.examples import write_example
 
         print(write_example(args.out_dir))
         return 0
-    from spinml_ray.cluster import connect
-    from spinml_ray.pipeline import run_request
     from spinml_ray.stages.sanitize import StageError
 
-    stages = ("sanitize", "synthesize", "train") if args.command == "run" else (args.command,)
     try:
+        if args.command == "sanitize" and (args.local or args.preview):
+            print(json.dumps(_sanitize_here(args, parser), indent=2))
+            return 0
+        if args.request is None:
+            parser.error(f"{args.command} needs REQUEST")
+        from spinml_ray.cluster import connect
+        from spinml_ray.pipeline import run_request
+        from spinml_ray.spec import load_request
+
+        load_request(args.request)  # bad input fails here, before any cluster starts
         connect(args.address, num_cpus=args.num_cpus)
         summary = run_request(
             args.request,
             args.storage,
             model=getattr(args, "model", DEFAULT_MODEL),
             controlnet=getattr(args, "controlnet", None),
-            stages=stages,
+            sam=getattr(args, "sam", None),
+            stages=("sanitize", "synthesize", "train") if args.command == "run" else (args.command,),
             keep_serving=getattr(args, "keep_serving", False),
             http_port=getattr(args, "http_port", 8000),
         )
-    except (SpecError, ImageError, StageError, FileNotFoundError, ValueError) as exc:
+    except (SpecError, ImageError, BadReference, StageError, FileNotFoundError, ValueError) as exc:
         print(f"spinml: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, default=str))

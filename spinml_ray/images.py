@@ -57,6 +57,10 @@ def decode_mask(data: bytes, size: tuple[int, int], what: str = "mask") -> np.nd
     array = np.asarray(image.convert("L"))
     if array.shape != tuple(size):
         raise ImageError(f"{what}: size {array.shape[1]}x{array.shape[0]} does not match the image's {size[1]}x{size[0]}")
+    values = np.unique(array)
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise ImageError(f"{what}: not a binary mask (values {shown}); use 0 for background, one nonzero value for the target")
     return array > 0
 
 

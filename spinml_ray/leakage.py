@@ -221,6 +221,7 @@ def object_leakage(
     level: str,
     canny_low: float = 100,
     canny_high: float = 200,
+    released_rgb: np.ndarray | None = None,
 ) -> float:
     """Normalised MI leakage ``MI(shared, object) / MI(raw, raw)`` of one object at ``level``.
 
@@ -229,6 +230,10 @@ def object_leakage(
     Canny edges of the letterboxed object, "L2" the letterboxed object itself. If the
     letterboxed raw image has zero binned entropy (a constant image) the ratio is
     undefined and 0.0 is returned. Raises ValueError for any other level.
+
+    ``released_rgb`` (L2 only) is what is actually released when it differs from the object
+    image (e.g. faces blurred); the shared representation is then that image, letterboxed.
+    Without it (or when it equals the object image) the value is the artifact's.
     """
     if level not in LEVELS:
         raise ValueError(f"unknown privacy level {level!r}; expected one of {LEVELS}")
@@ -239,5 +244,8 @@ def object_leakage(
     raw_mi = mutual_information(raw_lb, raw_lb)
     if raw_mi <= 0.0:
         return 0.0
-    shared = _shared_representation(object_lb, level, canny_low, canny_high)
+    if level == "L2" and released_rgb is not None:
+        shared = letterbox(released_rgb)
+    else:
+        shared = _shared_representation(object_lb, level, canny_low, canny_high)
     return mutual_information(shared, object_lb) / raw_mi

@@ -21,6 +21,7 @@ def run_request(
     storage_root: str,
     model: str = "tiny",
     controlnet: str | None = None,
+    sam: str | None = None,
     stages: tuple[str, ...] = STAGES,
     keep_serving: bool = False,
     http_port: int = 8000,
@@ -39,7 +40,7 @@ def run_request(
     summary: dict = {"request_id": spec.request_id, "tenant": spec.tenant, "output": paths.base}
     if "sanitize" in stages:
         started = time.time()
-        summary["sanitize"] = {**run_sanitize(spec, paths), "seconds": round(time.time() - started, 2)}
+        summary["sanitize"] = {**run_sanitize(spec, paths, model=model, sam=sam), "seconds": round(time.time() - started, 2)}
     if "synthesize" in stages:
         started = time.time()
         handle, deployed = ensure_running(model, controlnet, http_port=http_port)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from spinml_ray.faces import blur_faces as blur_face_regions
 from spinml_ray.images import ImageError, digest, encode_png
 from spinml_ray.leakage import object_leakage
 from spinml_ray.spec import Level
@@ -55,18 +56,28 @@ def validate_target_mask(mask: np.ndarray, what: str = "mask") -> None:
         raise ImageError(f"{what}: target covers the whole image ({inside} of {area} pixels)")
 
 
-def release(image: np.ndarray, region: np.ndarray, level: Level, canny: CannyThresholds = CannyThresholds()):
-    """(payload, region) arrays that `level` releases for the object occupying `region`, or (None, None)."""
+def release(image: np.ndarray, region: np.ndarray, level: Level, canny: CannyThresholds = CannyThresholds(),
+            blur_faces: bool = False):
+    """(payload, region, faces blurred) that `level` releases for the object occupying `region`.
+
+    L0 releases (None, None, 0). At L2, faces detected in the image are blurred inside the region
+    when `blur_faces` is set (detection runs on the whole image, so a face cut by the region's edge
+    is still found).
+    """
     level = Level(level)
     if level == Level.L0:
-        return None, None
+        return None, None, 0
     pixels = np.where(region[..., None], image, 0).astype(np.uint8)
     if level == Level.L1:
         gray = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
         edges = cv2.Canny(gray, canny.low, canny.high)
         edges[~region] = 0
-        return edges, None
-    return pixels, region.copy()
+        return edges, None, 0
+    faces = 0
+    if blur_faces:
+        blurred, faces = blur_face_regions(image, region)
+        pixels = np.where(region[..., None], blurred, 0).astype(np.uint8)
+    return pixels, region.copy(), faces
 
 
 def sanitize_image(
@@ -77,8 +88,10 @@ def sanitize_image(
     background: Level,
     label: str | None = None,
     canny: CannyThresholds = CannyThresholds(),
+    blur_faces: bool = False,
 ) -> list[dict]:
-    """One row per object: ref_id, label, object, level, width, height, payload, region, payload_sha256, mi.
+    """One row per object: ref_id, label, object, level, width, height, payload, region, payload_sha256,
+    faces_blurred, mi.
 
     `target_mask` may be None only when both levels are L0 (then nothing about either object leaves).
     """
@@ -93,14 +106,15 @@ def sanitize_image(
     for name in OBJECTS:
         level = levels[name]
         payload = region_png = None
-        mi = 0.0
+        mi, faces = 0.0, 0
         if level != Level.L0:
             region = target_mask if name == "target" else ~target_mask
-            released, released_region = release(image, region, level, canny)
+            released, released_region, faces = release(image, region, level, canny, blur_faces)
             payload = encode_png(released)
             region_png = encode_png(released_region) if released_region is not None else None
             obj = np.where(region[..., None], image, 0).astype(np.uint8)
-            mi = object_leakage(obj, image, level.value, canny.low, canny.high)
+            shown = released if faces else None
+            mi = object_leakage(obj, image, level.value, canny.low, canny.high, released_rgb=shown)
         rows.append(
             {
                 "ref_id": ref_id,
@@ -112,6 +126,7 @@ def sanitize_image(
                 "payload": payload,
                 "region": region_png,
                 "payload_sha256": digest(payload) if payload is not None else None,
+                "faces_blurred": faces,
                 "mi": float(mi),
             }
         )

@@ -42,10 +42,14 @@ class LabelSpec(_Strict):
 
 
 class ReferenceSpec(_Strict):
+    """One reference image. The target is found from, in order: `mask_uri` (the user's own mask,
+    nonzero = target), else SAM prompted with `box` and/or `points`, else SAM's automatic masks."""
+
     uri: str = Field(min_length=1)
     label: str | None = None
     mask_uri: str | None = None
     box: tuple[int, int, int, int] | None = Field(default=None, description="x0, y0, x1, y1 in pixels")
+    points: list[tuple[int, int]] | None = Field(default=None, min_length=1, description="(x, y) on the target")
 
     @field_validator("box")
     @classmethod
@@ -66,6 +70,18 @@ class PrivacySpec(_Strict):
     def config(self) -> str:
         """The paper's name for the configuration, e.g. 'L2_L0'."""
         return f"{self.target.value}_{self.background.value}"
+
+
+class SanitizationSpec(_Strict):
+    canny_low: int = Field(default=100, ge=0, le=1000)
+    canny_high: int = Field(default=200, ge=1, le=1000)
+    blur_faces: bool = Field(default=True, description="blur faces inside released L2 pixels")
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self):
+        if self.canny_high <= self.canny_low:
+            raise ValueError(f"canny_high ({self.canny_high}) must be above canny_low ({self.canny_low})")
+        return self
 
 
 class SynthesisSpec(_Strict):
@@ -100,8 +116,10 @@ class RequestSpec(_Strict):
     task: Literal["classification", "detection"] = "classification"
     subject: str = Field(min_length=1, max_length=200, description="the subject noun, e.g. 'husky dog'")
     labels: list[LabelSpec] = Field(min_length=2)
-    references: list[ReferenceSpec] = Field(min_length=1)
+    references: list[ReferenceSpec] = Field(default_factory=list)
+    bundle: str | None = Field(default=None, description="URI of a sanitized bundle made on the device")
     privacy: PrivacySpec = PrivacySpec()
+    sanitization: SanitizationSpec = SanitizationSpec()
     synthesis: SynthesisSpec = SynthesisSpec()
     training: TrainingSpec = TrainingSpec()
     test_set: str | None = Field(default=None, description="URI of a folder with one subfolder per label")
@@ -125,7 +143,9 @@ class RequestSpec(_Strict):
         for i, ref in enumerate(self.references):
             if ref.label is not None and ref.label not in names:
                 raise ValueError(f"references[{i}].label: {ref.label!r} is not one of the labels {names}")
-        if self.min_references > len(self.references):
+        if bool(self.references) == bool(self.bundle):
+            raise ValueError("give either references (raw images to sanitize) or bundle (already sanitized), not both or neither")
+        if self.bundle is None and self.min_references > len(self.references):
             raise ValueError(
                 f"min_references: {self.min_references} is more than the {len(self.references)} references given"
             )
@@ -174,7 +194,8 @@ def parse_request(document: dict, base_uri: str | None = None, source: str = "re
         for ref in spec.references
     ]
     test_set = storage.resolve(base_uri, spec.test_set) if spec.test_set else None
-    return spec.model_copy(update={"references": refs, "test_set": test_set})
+    bundle = storage.resolve(base_uri, spec.bundle) if spec.bundle else None
+    return spec.model_copy(update={"references": refs, "test_set": test_set, "bundle": bundle})
 
 
 def load_request(uri: str) -> RequestSpec:

@@ -202,10 +202,21 @@ def test_mask_over_the_pixel_cap_is_refused(monkeypatch):
 
 def test_decode_mask_nonzero_is_target():
     values = np.zeros((12, 20), np.uint8)
-    values[2:5, 3:9] = 255
-    values[7, 7] = 1
+    values[2:5, 3:9] = 1
     mask = decode_mask(save(Image.fromarray(values)), (12, 20))
     assert mask.dtype == bool and np.array_equal(mask, values > 0)
+
+
+def test_decode_mask_refuses_non_binary_masks():
+    values = np.zeros((12, 20), np.uint8)
+    values[2:5, 3:9] = 255
+    values[7, 7] = 1  # e.g. an anti-aliased or JPEG-compressed mask
+    with pytest.raises(ImageError, match=r"not a binary mask \(values 0, 1, 255\)"):
+        decode_mask(save(Image.fromarray(values)), (12, 20), what="m.png")
+    values[:] = 7
+    values[0, 0] = 9  # two values, neither of them 0
+    with pytest.raises(ImageError, match="not a binary mask"):
+        decode_mask(save(Image.fromarray(values)), (12, 20))
 
 
 def test_decode_mask_from_rgb_and_bilevel():

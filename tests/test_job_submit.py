@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import signal
 import shutil
 import subprocess
@@ -24,7 +25,8 @@ def head_node():
     """`ray start --head --block` in its own process group; SIGTERM lets it stop what it started."""
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this cluster's own token
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",

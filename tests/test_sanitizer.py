@@ -22,7 +22,7 @@ from spinml_ray.sanitizer import (
 )
 from spinml_ray.spec import Level
 
-ROW_KEYS = {"ref_id", "label", "object", "level", "width", "height", "payload", "region", "payload_sha256", "mi"}
+ROW_KEYS = {"ref_id", "label", "object", "level", "width", "height", "payload", "region", "payload_sha256", "faces_blurred", "mi"}
 PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -40,13 +40,13 @@ def minimum_region(shape) -> int:
 
 def test_release_l0_is_nothing(scene):
     image, mask = scene
-    assert release(image, mask, Level.L0) == (None, None)
-    assert release(image, ~mask, "L0") == (None, None)
+    assert release(image, mask, Level.L0) == (None, None, 0)
+    assert release(image, ~mask, "L0") == (None, None, 0)
 
 
 def test_release_l1_is_a_binary_edge_map_inside_the_region(scene):
     image, mask = scene
-    edges, region = release(image, mask, Level.L1)
+    edges, region, _ = release(image, mask, Level.L1)
     assert region is None
     assert edges.shape == mask.shape and edges.dtype == np.uint8
     assert set(np.unique(edges).tolist()) <= {0, 255}
@@ -56,14 +56,14 @@ def test_release_l1_is_a_binary_edge_map_inside_the_region(scene):
 
 def test_release_l1_of_background_has_edges_from_its_texture(scene):
     image, mask = scene
-    edges, _ = release(image, ~mask, Level.L1, CannyThresholds(20, 40))
+    edges, _, _ = release(image, ~mask, Level.L1, CannyThresholds(20, 40))
     assert not edges[mask].any()
     assert edges[~mask].any()
 
 
 def test_release_l2_keeps_only_the_region(scene):
     image, mask = scene
-    pixels, region = release(image, mask, Level.L2)
+    pixels, region, _ = release(image, mask, Level.L2)
     assert pixels.shape == image.shape and pixels.dtype == np.uint8
     assert (pixels[~mask] == 0).all()
     assert np.array_equal(pixels[mask], image[mask])
@@ -73,9 +73,9 @@ def test_release_l2_keeps_only_the_region(scene):
 
 def test_custom_canny_thresholds_change_l1(scene):
     image, mask = scene
-    default, _ = release(image, ~mask, Level.L1)
-    sensitive, _ = release(image, ~mask, Level.L1, CannyThresholds(low=5, high=15))
-    strict, _ = release(image, ~mask, Level.L1, CannyThresholds(low=400, high=800))
+    default, _, _ = release(image, ~mask, Level.L1)
+    sensitive, _, _ = release(image, ~mask, Level.L1, CannyThresholds(low=5, high=15))
+    strict, _, _ = release(image, ~mask, Level.L1, CannyThresholds(low=400, high=800))
     assert not np.array_equal(default, sensitive)
     assert np.count_nonzero(sensitive) > np.count_nonzero(default) >= np.count_nonzero(strict)
     rows_default = sanitize_image("r", image, mask, Level.L0, Level.L1)

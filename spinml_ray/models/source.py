@@ -30,7 +30,7 @@ def cache_dir() -> str:
 
 
 def _build_once(final: str, build) -> str:
-    if os.path.exists(os.path.join(final, "model_index.json")) or os.path.exists(os.path.join(final, ".complete")):
+    if os.path.exists(os.path.join(final, ".complete")):
         return final
     tmp = f"{final}.tmp-{uuid.uuid4().hex}"
     try:
@@ -62,6 +62,24 @@ def resolve(source: str) -> str:
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ValueError(f"{source}: model source is neither 'tiny', a directory, an s3:// prefix nor a hub id")
     return source
+
+
+def resolve_sam(base: str, sam: str | None = None) -> str | None:
+    """The folder holding SAM's `sam.json` and checkpoint: `sam` if given, else the source's `sam/`."""
+    if sam:
+        return resolve_component(sam)
+    local = resolve(base)
+    candidate = os.path.join(local, "sam")
+    return candidate if os.path.isdir(candidate) else None
+
+
+def resolve_component(source: str) -> str:
+    """A component folder (SAM, ControlNet): local, or copied from s3:// into the cache."""
+    if storage.is_s3(source):
+        return resolve(source)
+    if not os.path.isdir(source):
+        raise ValueError(f"{source}: component source is not a directory or s3:// prefix")
+    return os.path.abspath(source)
 
 
 def resolve_controlnet(base: str, controlnet: str | None = None) -> str | None:

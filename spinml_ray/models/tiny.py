@@ -2,7 +2,7 @@
 
 Same classes and layout as the real model (UNet2DConditionModel, AutoencoderKL with an 8x latent
 downsampling, CLIPTextModel with the real 49,408-token CLIP tokenizer, a ControlNet cut from the UNet,
-a scaled-linear scheduler), saved in diffusers' own directory layout so that it is loaded by exactly
+a scaled-linear scheduler) and a tiny SAM in `sam/`, saved in diffusers' own directory layout so that it is loaded by exactly
 the code path that loads a real checkpoint. It runs in milliseconds per step on a CPU; its images are
 noise-like, which is all tests, CI and the offline demo need.
 """
@@ -14,8 +14,9 @@ import os
 import torch
 
 from spinml_ray.models.tokenizer import write_clip_tokenizer
+from spinml_ray.segmentation import write_tiny_sam
 
-TINY_VERSION = "tiny-sd1-v2"
+TINY_VERSION = "tiny-sd1-v3"
 
 
 def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
@@ -93,4 +94,5 @@ def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
         for conv in zero_convs:
             torch.nn.init.normal_(conv.weight, std=0.2)
     controlnet.save_pretrained(os.path.join(out_dir, "controlnet"))
+    write_tiny_sam(os.path.join(out_dir, "sam"), seed=seed)
     return out_dir

@@ -1,10 +1,15 @@
 """Stage 1 (Ray Data): read the raw references, release what each object's level allows.
 
-References stream through Ray Data as small JSON descriptors; each worker reads its references'
-bytes from storage, sanitizes them and writes its own Parquet part to `sanitized/`, so image bytes
-never pass through the driver. This is the only stage that opens the raw references. A reference
-that cannot be used (unreadable, bad mask, ...) is recorded in `sanitized/rejections.parquet` with its
-reason; the stage fails only when fewer valid references remain than the request needs.
+References stream through Ray Data as small JSON descriptors in batches; an actor pool
+(`ActorPoolStrategy`) of `SanitizeWorker`s reads each reference's bytes from storage, finds the
+target (the user's mask, else SAM, loaded once per actor and on a GPU when the cluster has one),
+sanitizes it (`bundle.sanitize_reference`) and writes its own Parquet part to `sanitized/`, so image
+bytes never pass through the driver and memory stays bounded by the batch size. This is the only
+stage that opens the raw references. A request may instead carry a `bundle` sanitized on the user's
+device; it is validated (`bundle.validate_uploaded`) and becomes `sanitized/` as is.
+
+Unusable references land in `sanitized/rejections.parquet` with their reason; the stage fails only
+when fewer valid references remain than the request needs.
 """
 
 from __future__ import annotations
@@ -16,111 +21,114 @@ import numpy as np
 import pyarrow as pa
 
 from spinml_ray import storage
-from spinml_ray.images import ImageError, decode_mask, decode_rgb
-from spinml_ray.sanitizer import box_mask, sanitize_image
-from spinml_ray.spec import RequestSpec
+from spinml_ray.bundle import (
+    REJECTION_SCHEMA,
+    SANITIZED_SCHEMA,
+    BadReference,
+    reference_items,
+    sanitize_all,
+    validate_uploaded,
+)
+from spinml_ray.segmentation import LazySegmenter
+from spinml_ray.spec import RequestSpec, SanitizationSpec
 
 log = logging.getLogger(__name__)
-
-SANITIZED_SCHEMA = pa.schema(
-    [
-        ("ref_id", pa.string()),
-        ("label", pa.string()),
-        ("object", pa.string()),
-        ("level", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("payload", pa.binary()),
-        ("region", pa.binary()),
-        ("payload_sha256", pa.string()),
-        ("mi", pa.float64()),
-    ]
-)
-REJECTION_SCHEMA = pa.schema([("ref_id", pa.string()), ("uri", pa.string()), ("reason", pa.string())])
 
 
 class StageError(RuntimeError):
     """A stage that cannot complete for this request; the message says why."""
 
 
-def reference_items(spec: RequestSpec) -> list[dict]:
-    return [
-        {"ref_id": f"ref-{i:04d}", **ref.model_dump(mode="json")} for i, ref in enumerate(spec.references)
-    ]
+class SanitizeWorker:
+    """Ray Data actor: SAM is resolved on the worker's node and loaded once, on first need."""
+
+    def __init__(self, out_dir: str, target: str, background: str, settings: dict, model: str, sam: str | None):
+        self.out_dir, self.target, self.background = out_dir, target, background
+        self.settings = SanitizationSpec.model_validate(settings)
+        self.segmenter = LazySegmenter(model, sam)
+
+    def __call__(self, batch: dict) -> dict:
+        items = [json.loads(raw) for raw in batch["item"]]
+        rows, rejections = sanitize_all(items, self.target, self.background, self.settings, self.segmenter)
+        part = ""
+        if rows:
+            part = storage.part_uri(self.out_dir)
+            storage.write_table(part, pa.Table.from_pylist(rows, schema=SANITIZED_SCHEMA))
+        return {"part": np.array([part]), "rows": np.array([len(rows)]), "rejections": np.array([json.dumps(rejections)])}
 
 
-def sanitize_reference(item: dict, target: str, background: str) -> list[dict]:
-    """Read one reference (and its mask) from storage and sanitize it; raises ImageError if unusable."""
-    uri = item["uri"]
-    try:
-        image = decode_rgb(storage.read_bytes(uri), what=uri)
-    except FileNotFoundError:
-        raise ImageError(f"{uri}: file not found") from None
-    mask = None
-    if item.get("mask_uri"):
-        try:
-            mask = decode_mask(storage.read_bytes(item["mask_uri"]), image.shape[:2], what=item["mask_uri"])
-        except FileNotFoundError:
-            raise ImageError(f"{item['mask_uri']}: mask file not found") from None
-    elif item.get("box"):
-        mask = box_mask(tuple(item["box"]), image.shape[:2])
-    return sanitize_image(item["ref_id"], image, mask, target, background, label=item.get("label"))
-
-
-def sanitize_batch(batch: dict, out_dir: str, target: str, background: str) -> dict:
-    """Ray Data batch function: sanitize the batch's references and write one Parquet part."""
-    rows, rejections = [], []
-    for raw in batch["item"]:
-        item = json.loads(raw)
-        try:
-            rows.extend(sanitize_reference(item, target, background))
-        except (ImageError, OSError) as exc:
-            rejections.append({"ref_id": item["ref_id"], "uri": item["uri"], "reason": str(exc)})
-    part = ""
-    if rows:
-        part = storage.part_uri(out_dir)
-        storage.write_table(part, pa.Table.from_pylist(rows, schema=SANITIZED_SCHEMA))
-    return {
-        "part": np.array([part]),
-        "rows": np.array([len(rows)]),
-        "rejections": np.array([json.dumps(rejections)]),
-    }
-
-
-def run_sanitize(spec: RequestSpec, paths: storage.RequestPaths, batch_size: int = 8) -> dict:
-    """Sanitize every reference of `spec` into `paths.sanitized`; returns the committed manifest."""
+def _default_workers() -> int:
     import ray
 
+    return max(1, min(8, int(ray.cluster_resources().get("CPU", 1)) - 1))
+
+
+def _sanitize_references(spec: RequestSpec, paths: storage.RequestPaths, model: str, sam: str | None,
+                         workers: int | None, batch_size: int) -> tuple[list[str], list[dict], int]:
+    import ray
+
+    from spinml_ray.cluster import cluster_has_gpus
+
     items = reference_items(spec)
-    dataset = ray.data.from_items([{"item": json.dumps(item)} for item in items])
+    needs_sam = any(not i.get("mask_uri") for i in items)
+    workers = workers or _default_workers()
+    dataset = ray.data.from_items([{"item": json.dumps(item)} for item in items], override_num_blocks=max(1, min(len(items), 200)))
     results = dataset.map_batches(
-        sanitize_batch,
-        fn_kwargs={
+        SanitizeWorker,
+        fn_constructor_kwargs={
             "out_dir": paths.sanitized,
             "target": spec.privacy.target.value,
             "background": spec.privacy.background.value,
+            "settings": spec.sanitization.model_dump(),
+            "model": model,
+            "sam": sam,
         },
         batch_size=batch_size,
         batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(workers, max(1, len(items) // batch_size + 1))),
+        num_gpus=(1.0 / workers) if needs_sam and cluster_has_gpus() else 0,
     ).take_all()
     parts = [r["part"] for r in results if r["part"]]
     rejections = [rej for r in results for rej in json.loads(r["rejections"])]
-    accepted = len(items) - len(rejections)
-    rejection_uri = storage.join(paths.sanitized, "rejections.parquet")
-    storage.write_table(rejection_uri, pa.Table.from_pylist(rejections, schema=REJECTION_SCHEMA))
+    return parts, rejections, len(items)
+
+
+def _accept_bundle(spec: RequestSpec, paths: storage.RequestPaths) -> tuple[list[str], list[dict], int]:
+    try:
+        table = storage.read_table(spec.bundle)
+    except FileNotFoundError:
+        raise StageError(f"{spec.bundle}: uploaded bundle not found") from None
+    except Exception as exc:
+        raise StageError(f"{spec.bundle}: not a Parquet bundle ({exc})") from None
+    try:
+        rows, rejections = validate_uploaded(table, spec, spec.bundle)
+    except BadReference as exc:
+        raise StageError(str(exc)) from None
+    parts = []
+    if rows:
+        parts.append(storage.part_uri(paths.sanitized))
+        storage.write_table(parts[0], pa.Table.from_pylist(rows, schema=SANITIZED_SCHEMA))
+    return parts, rejections, len({r["ref_id"] for r in rows}) + len(rejections)
+
+
+def run_sanitize(spec: RequestSpec, paths: storage.RequestPaths, model: str = "tiny", sam: str | None = None,
+                 workers: int | None = None, batch_size: int = 8) -> dict:
+    """Sanitize the request's references (or accept its uploaded bundle) into `paths.sanitized`.
+
+    SAM comes from `sam` when given, else from the model source's `sam/` folder (if it has one)."""
+    if spec.bundle:
+        parts, rejections, total = _accept_bundle(spec, paths)
+    else:
+        parts, rejections, total = _sanitize_references(spec, paths, model, sam, workers, batch_size)
+    accepted = total - len(rejections)
+    storage.write_table(storage.join(paths.sanitized, "rejections.parquet"),
+                        pa.Table.from_pylist(rejections, schema=REJECTION_SCHEMA))
     for rej in rejections:
         log.warning("reference %s rejected: %s", rej["ref_id"], rej["reason"])
     if accepted < spec.min_references:
         reasons = "; ".join(f"{r['ref_id']}: {r['reason']}" for r in rejections)
-        raise StageError(
-            f"request {spec.request_id}: {accepted} valid reference(s), {spec.min_references} needed ({reasons})"
-        )
+        raise StageError(f"request {spec.request_id}: {accepted} valid reference(s), {spec.min_references} needed ({reasons})")
     return storage.commit(
-        paths.sanitized,
-        parts,
-        privacy=spec.privacy.config,
-        references=len(items),
-        accepted=accepted,
-        rejected=len(rejections),
-        rejections="rejections.parquet",
+        paths.sanitized, parts, privacy=spec.privacy.config, references=total, accepted=accepted,
+        rejected=len(rejections), rejections="rejections.parquet", source="bundle" if spec.bundle else "references",
     )

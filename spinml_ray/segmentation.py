@@ -1,0 +1,164 @@
+"""Finding the target in a reference: SAM (segment-anything) prompted by a box, points, or nothing.
+
+A SAM checkpoint lives in a folder with `sam.json` ({"arch": "vit_b"|"vit_l"|"vit_h"|"tiny",
+"checkpoint": FILE}); model sources keep it in their `sam/` subfolder (the `tiny` preset builds one in
+code from segment-anything's own classes, random weights). The real and the tiny model load through
+the same `load_sam`.
+
+Rules:
+- box prompt: SAM's single best mask for the box, clipped to the box (the box says where the target is);
+- point prompts: SAM's highest-scoring of its three masks for the points (all positive);
+- no prompt: SAM's automatic masks, then `pick_automatic_mask`: the largest mask that covers the
+  image centre and is not background-sized (at most 90% of the image); if none covers the centre,
+  the mask with the highest predicted IoU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+
+import numpy as np
+import torch
+
+SAM_CONFIG = "sam.json"
+MAX_AUTOMATIC_FRACTION = 0.9
+TINY_SAM = dict(image_size=128, patch_size=16, embed_dim=32, depth=2, num_heads=2, prompt_dim=32, window_size=4)
+
+
+class SegmentationError(ValueError):
+    """SAM could not produce a usable target mask for a reference."""
+
+
+def _build_tiny(checkpoint: str | None = None):
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    c = TINY_SAM
+    grid = c["image_size"] // c["patch_size"]
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=c["image_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"], depth=c["depth"],
+            num_heads=c["num_heads"], mlp_ratio=2, out_chans=c["prompt_dim"], qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, global_attn_indexes=(1,),
+            window_size=c["window_size"],
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=c["prompt_dim"], image_embedding_size=(grid, grid),
+            input_image_size=(c["image_size"], c["image_size"]), mask_in_chans=8,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=c["prompt_dim"], mlp_dim=64, num_heads=2),
+            transformer_dim=c["prompt_dim"], iou_head_depth=2, iou_head_hidden_dim=32,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    sam.eval()
+    if checkpoint is not None:
+        sam.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+    return sam
+
+
+def write_tiny_sam(out_dir: str, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(_build_tiny().state_dict(), os.path.join(out_dir, "sam_tiny.pth"))
+    with open(os.path.join(out_dir, SAM_CONFIG), "w") as handle:
+        json.dump({"arch": "tiny", "checkpoint": "sam_tiny.pth"}, handle)
+    return out_dir
+
+
+def load_sam(sam_dir: str, device: str | None = None):
+    """The SAM model described by `{sam_dir}/sam.json`, on `device` (GPU when available)."""
+    from segment_anything import sam_model_registry
+
+    config_path = os.path.join(sam_dir, SAM_CONFIG)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{sam_dir}: no {SAM_CONFIG} (a SAM folder names its arch and checkpoint)")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    arch, checkpoint = config.get("arch"), os.path.join(sam_dir, config.get("checkpoint", ""))
+    if arch == "tiny":
+        sam = _build_tiny(checkpoint)
+    elif arch in ("vit_b", "vit_l", "vit_h"):
+        sam = sam_model_registry[arch](checkpoint=checkpoint)
+    else:
+        raise ValueError(f"{config_path}: arch {arch!r} is not one of vit_b, vit_l, vit_h, tiny")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return sam.to(device).eval()
+
+
+def pick_automatic_mask(masks: list[np.ndarray], predicted_iou: list[float]) -> np.ndarray | None:
+    """The documented rule for prompt-less segmentation (see the module docstring)."""
+    if not masks:
+        return None
+    height, width = masks[0].shape
+    cy, cx = height // 2, width // 2
+    limit = MAX_AUTOMATIC_FRACTION * height * width
+    central = [m for m in masks if m[cy, cx] and m.sum() <= limit]
+    if central:
+        return max(central, key=lambda m: int(m.sum()))
+    candidates = [(iou, i) for i, (m, iou) in enumerate(zip(masks, predicted_iou)) if m.sum() <= limit]
+    return masks[max(candidates)[1]] if candidates else None
+
+
+class Segmenter:
+    """One loaded SAM (per Ray Data actor, or per device process)."""
+
+    def __init__(self, sam_dir: str, device: str | None = None, points_per_side: int = 16,
+                 pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.92):
+        from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+        self.sam = load_sam(sam_dir, device)
+        self.predictor = SamPredictor(self.sam)
+        self.automatic = SamAutomaticMaskGenerator(
+            self.sam, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+        )
+
+    @torch.inference_mode()
+    def segment(self, image: np.ndarray, box=None, points=None) -> np.ndarray:
+        """HxW bool target mask; raises SegmentationError when SAM finds nothing usable."""
+        if box is None and not points:
+            records = self.automatic.generate(image)
+            mask = pick_automatic_mask([r["segmentation"] for r in records], [r["predicted_iou"] for r in records])
+            if mask is None:
+                raise SegmentationError("SAM found no target mask (no prompt given; add a box, points or a mask)")
+            return mask.astype(bool)
+        self.predictor.set_image(image)
+        coords = np.asarray(points, dtype=np.float32) if points else None
+        labels = np.ones(len(points), dtype=np.int64) if points else None
+        masks, scores, _ = self.predictor.predict(
+            point_coords=coords, point_labels=labels, box=np.asarray(box, dtype=np.float32) if box else None,
+            multimask_output=box is None,
+        )
+        mask = masks[int(np.argmax(scores))].astype(bool)
+        if box is not None:
+            x0, y0, x1, y1 = box
+            inside = np.zeros_like(mask)
+            inside[y0:y1, x0:x1] = True
+            mask &= inside
+        return mask
+
+
+class LazySegmenter:
+    """The SAM of a model source (or an explicit SAM source), resolved and loaded on first use.
+
+    `available` is False when neither names a SAM folder; callers then fall back to boxes."""
+
+    def __init__(self, model: str = "tiny", sam: str | None = None):
+        from spinml_ray.models.source import resolve_sam
+
+        self.sam_dir = resolve_sam(model, sam)
+        self._segmenter: Segmenter | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.sam_dir is not None
+
+    def __call__(self, image: np.ndarray, box=None, points=None) -> np.ndarray:
+        if self._segmenter is None:
+            self._segmenter = Segmenter(self.sam_dir)
+        return self._segmenter.segment(image, box=box, points=points)
