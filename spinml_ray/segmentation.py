@@ -20,7 +20,6 @@ import os
 from functools import partial
 
 import numpy as np
-import torch
 
 SAM_CONFIG = "sam.json"
 MAX_AUTOMATIC_FRACTION = 0.9
@@ -32,6 +31,7 @@ class SegmentationError(ValueError):
 
 
 def _build_tiny(checkpoint: str | None = None):
+    import torch
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     c = TINY_SAM
@@ -62,6 +62,8 @@ def _build_tiny(checkpoint: str | None = None):
 
 
 def write_tiny_sam(out_dir: str, seed: int = 0) -> str:
+    import torch
+
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     torch.save(_build_tiny().state_dict(), os.path.join(out_dir, "sam_tiny.pth"))
@@ -72,6 +74,7 @@ def write_tiny_sam(out_dir: str, seed: int = 0) -> str:
 
 def load_sam(sam_dir: str, device: str | None = None):
     """The SAM model described by `{sam_dir}/sam.json`, on `device` (GPU when available)."""
+    import torch
     from segment_anything import sam_model_registry
 
     config_path = os.path.join(sam_dir, SAM_CONFIG)
@@ -118,9 +121,14 @@ class Segmenter:
             stability_score_thresh=stability_score_thresh,
         )
 
-    @torch.inference_mode()
     def segment(self, image: np.ndarray, box=None, points=None) -> np.ndarray:
         """HxW bool target mask; raises SegmentationError when SAM finds nothing usable."""
+        import torch
+
+        with torch.inference_mode():
+            return self._segment(image, box, points)
+
+    def _segment(self, image: np.ndarray, box, points) -> np.ndarray:
         if box is None and not points:
             records = self.automatic.generate(image)
             mask = pick_automatic_mask([r["segmentation"] for r in records], [r["predicted_iou"] for r in records])
@@ -144,15 +152,25 @@ class Segmenter:
 
 
 class LazySegmenter:
-    """The SAM of a model source (or an explicit SAM source), resolved and loaded on first use.
+    """The SAM of a model source (or an explicit SAM source), resolved and loaded on first need.
 
-    `available` is False when neither names a SAM folder; callers then fall back to boxes."""
+    `available` is False when neither names a SAM folder; callers then fall back to boxes. Nothing is
+    resolved (or built, for `tiny`) until a reference without a mask asks for it."""
+
+    _UNRESOLVED = object()
 
     def __init__(self, model: str = "tiny", sam: str | None = None):
-        from spinml_ray.models.source import resolve_sam
-
-        self.sam_dir = resolve_sam(model, sam)
+        self.model, self.sam = model, sam
+        self._sam_dir = self._UNRESOLVED
         self._segmenter: Segmenter | None = None
+
+    @property
+    def sam_dir(self) -> str | None:
+        if self._sam_dir is self._UNRESOLVED:
+            from spinml_ray.models.source import resolve_sam
+
+            self._sam_dir = resolve_sam(self.model, self.sam)
+        return self._sam_dir
 
     @property
     def available(self) -> bool:

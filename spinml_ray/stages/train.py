@@ -74,6 +74,10 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
 
     from spinml_ray.cluster import cluster_has_gpus
 
+    from spinml_ray.stages.sanitize import StageError
+
+    if storage.read_manifest(paths.synthetic) is None:
+        raise StageError(f"{paths.synthetic}: no committed synthetic images; run the synthesize stage first")
     training = spec.training
     config = {
         "synthetic": paths.synthetic,
@@ -102,7 +106,10 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
             ),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps the worker's error; report it as this request's failure
+        raise StageError(f"request {spec.request_id}: training failed: {exc}") from exc
     best = result.best_checkpoints[0] if result.best_checkpoints else (result.checkpoint, result.metrics)
     checkpoint, best_metrics = best
     with checkpoint.as_directory() as directory:
