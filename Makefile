@@ -29,6 +29,7 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python bench/bench_leakage.py
+	$(BIN)/python bench/bench_sanitize.py
 
 example: venv
 	$(BIN)/spinml example examples
