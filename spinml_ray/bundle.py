@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from spinml_ray import storage
-from spinml_ray.images import ImageError, decode_mask, decode_png, decode_rgb, digest, encode_png
+from spinml_ray.images import ImageError, decode_mask, decode_rgb, decode_untrusted_png, digest, encode_png
 from spinml_ray.sanitizer import CannyThresholds, box_mask, sanitize_image
 from spinml_ray.segmentation import SegmentationError
 from spinml_ray.spec import Level, RequestSpec, SanitizationSpec
@@ -114,9 +114,9 @@ def _check_payload(row: dict, what: str) -> dict:
     if row.get("payload") is None:
         raise BadReference(f"{what}: level {level.value} without a payload")
     try:
-        payload = decode_png(row["payload"])
-    except Exception:
-        raise BadReference(f"{what}: payload is not a PNG image") from None
+        payload = decode_untrusted_png(row["payload"], what)
+    except ImageError as exc:
+        raise BadReference(f"payload is not a PNG image within the pixel cap: {exc}") from None
     region = None
     if level == Level.L1:
         if payload.ndim != 2 or not set(np.unique(payload).tolist()) <= {0, 255}:
@@ -126,7 +126,10 @@ def _check_payload(row: dict, what: str) -> dict:
             raise BadReference(f"{what}: an L2 payload must be an RGB image")
         if row.get("region") is None:
             raise BadReference(f"{what}: an L2 row needs its region mask")
-        region = decode_png(row["region"]) > 0
+        try:
+            region = decode_untrusted_png(row["region"], what) > 0
+        except ImageError as exc:
+            raise BadReference(f"region is not a PNG image within the pixel cap: {exc}") from None
         if region.shape != payload.shape[:2] or payload[~region].any():
             raise BadReference(f"{what}: L2 pixels outside the released region; refused")
     clean = encode_png(payload)

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from pydantic import ValidationError
+
 from spinml_ray.bundle import BadReference
 from spinml_ray.images import ImageError
 from spinml_ray.spec import SpecError
@@ -141,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             keep_serving=getattr(args, "keep_serving", False),
             http_port=getattr(args, "http_port", 8000),
         )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        print(f"spinml: error: {problems}", file=sys.stderr)
+        return 2
     except (SpecError, ImageError, BadReference, StageError, FileNotFoundError, ValueError) as exc:
         print(f"spinml: error: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ import os
 from spinml_ray.storage import S3_ENV_VARS
 
 # Settings that every worker must see as the driver does (storage endpoint, model cache, offline hub).
-FORWARDED_ENV = S3_ENV_VARS + ("SPINML_CACHE", "HF_HUB_OFFLINE", "HF_HOME")
+FORWARDED_ENV = S3_ENV_VARS + ("SPINML_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "SPINML_API_TOKENS", "SPINML_API_TOKENS_FILE")
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -29,9 +29,11 @@ def detect_faces(image: np.ndarray) -> list[tuple[int, int, int, int]]:
 
 
 def blur_faces(image: np.ndarray, region: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """(image with every detected face strongly blurred, number of faces). Only pixels inside
-    `region` change (released pixels outside it are black and stay black)."""
+    """(image with every detected face that reaches into `region` strongly blurred, their number).
+    Only pixels inside `region` change (released pixels outside it are black and stay black)."""
     faces = detect_faces(image)
+    if region is not None:
+        faces = [(x, y, w, h) for x, y, w, h in faces if region[y : y + h, x : x + w].any()]
     if not faces:
         return image, 0
     out = image.copy()

@@ -16,13 +16,13 @@ class ImageError(ValueError):
     """An image (or mask) that cannot be used; the message says why."""
 
 
-def _open(data: bytes, what: str) -> Image.Image:
+def _open(data: bytes, what: str, formats: tuple[str, ...] | None = None) -> Image.Image:
     if not data:
         raise ImageError(f"{what}: empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=formats)
             if image.width * image.height > MAX_PIXELS:
                 raise ImageError(f"{what}: {image.width}x{image.height} exceeds the {MAX_PIXELS}-pixel cap")
             image.load()
@@ -74,7 +74,13 @@ def encode_png(array: np.ndarray) -> bytes:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))
+    """Decode PNG bytes this project wrote itself (trusted)."""
+    return np.asarray(Image.open(io.BytesIO(data), formats=["PNG"]))
+
+
+def decode_untrusted_png(data: bytes, what: str) -> np.ndarray:
+    """Decode PNG bytes from outside (an uploaded bundle): PNG only, under the pixel cap."""
+    return np.asarray(_open(data, what, formats=("PNG",)))
 
 
 def digest(data: bytes) -> str:

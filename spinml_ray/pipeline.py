@@ -43,7 +43,7 @@ def run_request(
         summary["sanitize"] = {**run_sanitize(spec, paths, model=model, sam=sam), "seconds": round(time.time() - started, 2)}
     if "synthesize" in stages:
         started = time.time()
-        handle, deployed = ensure_running(model, controlnet, http_port=http_port)
+        handle, deployed = ensure_running(model, controlnet, http_port=http_port, storage_root=storage_root)
         try:
             summary["synthesize"] = {**run_synthesize(spec, paths, handle), "seconds": round(time.time() - started, 2)}
         finally:

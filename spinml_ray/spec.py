@@ -91,6 +91,7 @@ class SynthesisSpec(_Strict):
     guidance: float = Field(default=7.5, ge=0.0, le=50.0)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     strength: float = Field(default=0.75, gt=0.0, le=1.0, description="image guidance strength at L2")
+    scheduler: Literal["dpmsolver++", "ddim", "euler", "pndm", "unipc"] = "dpmsolver++"
     negative_prompt: str = "blurry, low quality, distorted, watermark, text"
 
     @field_validator("resolution")

@@ -48,3 +48,27 @@ def s3_server():
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     yield endpoint, bucket
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(tmp_path_factory, model_cache):
+    """A LoRA adapter for the tiny model (random, non-zero), saved as diffusers' save_lora_weights does."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from spinml_ray.models.source import resolve
+
+    unet = StableDiffusionPipeline.from_pretrained(resolve("tiny")).unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (a no-op adapter); make this one act
+                param.normal_(std=0.5)
+    out = str(tmp_path_factory.mktemp("adapter"))
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True)
+    return out

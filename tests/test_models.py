@@ -95,3 +95,29 @@ def test_controlnet_item_without_controlnet_weights_is_refused(tmp_path):
     assert "controlnet" not in engine.kinds
     with pytest.raises(EngineError, match="ControlNet"):
         engine.generate([_item("x", control_image=encode_png(np.zeros((32, 32, 3), np.uint8)))])
+
+
+def test_an_adapter_never_touches_other_items_of_its_batch(engine, lora_adapter):
+    baseline = engine.generate([_item("plain")])[0].image
+    with_adapter, without = engine.generate([_item("lora", adapter=lora_adapter), _item("plain")])
+    assert with_adapter.image != baseline  # the adapter acts ...
+    assert without.image == baseline  # ... on its own item only, though both shared one call
+    assert engine.generate([_item("plain")])[0].image == baseline
+    engine.unload_adapter(lora_adapter)
+    assert engine.adapters == {} and engine.generate([_item("lora", adapter=lora_adapter)])[0].image == with_adapter.image
+
+
+def test_adapters_are_evicted_least_recently_used(tmp_path, lora_adapter):
+    engine = DiffusionEngine("tiny", max_adapters=2)
+    copies = [shutil.copytree(lora_adapter, tmp_path / f"a{i}") for i in range(3)]
+    for path in copies:
+        engine.load_adapter(str(path))
+    assert list(engine.adapters) == [str(copies[1]), str(copies[2])]
+    with pytest.raises(EngineError, match="pytorch_lora_weights"):
+        engine.load_adapter(str(tmp_path))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "pndm", "unipc"])
+def test_schedulers_are_selectable_per_item(engine, scheduler):
+    default, other = engine.generate([_item("d", steps=5), _item("o", steps=5, scheduler=scheduler)])  # 2 steps: UniPC = DPM++
+    assert other.image != default.image and decode_png(other.image).shape == (32, 32, 3)

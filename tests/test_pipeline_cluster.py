@@ -28,6 +28,8 @@ def ray_cluster(s3_server):
 
     from spinml_ray.cluster import connect
 
+    os.environ["SPINML_API_TOKENS"] = "demo-token:demo,other-token:other"
+
     connect(num_cpus=4)
     yield ray
     serve.shutdown()
@@ -40,11 +42,16 @@ def http_port():
 
 
 @pytest.fixture(scope="module")
-def synthesis(ray_cluster, http_port):
+def synthesis_storage(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("api-storage"))
+
+
+@pytest.fixture(scope="module")
+def synthesis(ray_cluster, http_port, synthesis_storage):
     """The synthesis app, deployed once and shared by the tests (as a platform would run it)."""
     from spinml_ray.synthesis.service import ensure_running
 
-    handle, _ = ensure_running("tiny", http_port=http_port)
+    handle, _ = ensure_running("tiny", http_port=http_port, storage_root=synthesis_storage)
     return handle
 
 
@@ -149,12 +156,12 @@ def test_target_at_l0_never_leaves_sanitization(tmp_path, synthesis, http_port, 
             assert not decode_png(row["payload"])[mask].any()
 
 
-def test_request_on_s3_with_model_from_s3(tmp_path, s3_server, synthesis, http_port):
+def test_request_on_s3_with_model_from_s3(tmp_path, s3_server, synthesis, synthesis_storage, http_port):
     """Request, references, model source and outputs all on S3; the Serve replica reads the model there."""
     from ray import serve
 
     from spinml_ray.models.source import resolve
-    from spinml_ray.synthesis.service import APP_NAME
+    from spinml_ray.synthesis.service import APP_NAME, ensure_running
 
     endpoint, bucket = s3_server
     local = tmp_path / "request"
@@ -167,6 +174,7 @@ def test_request_on_s3_with_model_from_s3(tmp_path, s3_server, synthesis, http_p
                       model=f"s3://{bucket}/models/tiny-sd")
     finally:
         serve.delete(APP_NAME)
+        ensure_running("tiny", http_port=http_port, storage_root=synthesis_storage)  # the shared app again
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     keys = {obj["Key"] for obj in s3.list_objects_v2(Bucket=bucket, Prefix="spinml/")["Contents"]}
     prefix = "spinml/demo/example-duck/"
@@ -176,26 +184,62 @@ def test_request_on_s3_with_model_from_s3(tmp_path, s3_server, synthesis, http_p
     assert metrics["n"] == 8 and summary["synthesize"]["images"] == 16
 
 
-def test_serve_over_http_and_handle(synthesis, http_port):
-    from spinml_ray.synthesis.service import ensure_running
-    from spinml_ray.synthesis.workitems import GeneratedImage, WorkItem
+def _api_body(request_id, tenant="demo", bundle=None, count=2, **privacy):
+    return {
+        "request_id": request_id, "tenant": tenant, "subject": "yellow rubber duck",
+        "label": {"name": "floating", "phrase": "floating in water"},
+        "privacy": privacy or {"target": "L0", "background": "L0"}, "bundle": bundle,
+        "synthesis": {"images_per_label": count, "resolution": 32, "steps": 2, "seed": 1},
+    }
 
-    handle, _ = ensure_running("tiny", http_port=http_port)
+
+def test_http_api_authenticates_isolates_tenants_and_stores_images(tmp_path, synthesis, synthesis_storage, http_port):
+    """POST /v1/generate over HTTP on 127.0.0.1 and the job's handle produce the same images."""
+    from spinml_ray.synthesis.plan import index_bundle, plan_label
+    from spinml_ray.synthesis.service import ApiGenerateRequest, submit
+
     url = f"http://127.0.0.1:{http_port}/spinml"
     health = requests.get(f"{url}/healthz", timeout=60).json()
     assert health["status"] == "ok" and "controlnet" in health["pipelines"]
-    item = WorkItem(image_id="h-1", request_id="r", tenant="t", label="a", pool="L0_L0",
-                    prompt="A photo of a duck", seed=5, resolution=32, steps=2, guidance=5.0)
-    response = requests.post(f"{url}/v1/generate", json={"items": [item.model_dump(mode="json")]}, timeout=120)
-    assert response.status_code == 200, response.text
-    over_http = GeneratedImage.model_validate(response.json()["images"][0])
-    by_handle = handle.generate.remote(item).result()
-    assert decode_png(over_http.image).shape == (32, 32, 3)
-    assert over_http.image == by_handle.image  # one code path, same seed, same image
 
-    bad = item.model_dump(mode="json") | {"resolution": 30}
-    response = requests.post(f"{url}/v1/generate", json={"items": [bad]}, timeout=60)
+    # A bundle of tenant "demo" (sanitized by the job) to condition on.
+    request_uri = write_example(str(tmp_path / "request"))
+    root = synthesis_storage
+    run(request_uri, root, http_port, stages=("sanitize",))
+    bundle = os.path.join(root, "demo", "example-duck", "sanitized")
+    body = _api_body("http-1", bundle=bundle, target="L1", background="L0")
+    auth = {"Authorization": "Bearer demo-token"}
+
+    assert requests.post(f"{url}/v1/generate", json=body, timeout=60).status_code == 401
+    assert requests.post(f"{url}/v1/generate", json=body, headers={"Authorization": "Bearer nope"}, timeout=60).status_code == 401
+    other = requests.post(f"{url}/v1/generate", json=body, headers={"Authorization": "Bearer other-token"}, timeout=60)
+    assert other.status_code == 403 and "demo" in other.text  # the token's tenant is not the body's
+    stolen = _api_body("http-1", tenant="other", bundle=bundle, target="L1", background="L0")
+    response = requests.post(f"{url}/v1/generate", json=stolen, headers={"Authorization": "Bearer other-token"}, timeout=60)
+    assert response.status_code == 403 and "bundle" in response.text  # another tenant's bundle
+    bad = _api_body("http-1", bundle=bundle) | {"synthesis": {"images_per_label": 1, "resolution": 30}}
+    response = requests.post(f"{url}/v1/generate", json=bad, headers=auth, timeout=60)
     assert response.status_code == 422 and "resolution" in response.text
+
+    response = requests.post(f"{url}/v1/generate", json=body, headers=auth, timeout=300)
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert len(images) == 2 and all(i["uri"].startswith(os.path.join(root, "demo", "http-1")) for i in images)
+    # The job's path: the same plan, the same handle, the same bytes.
+    request = ApiGenerateRequest.model_validate(body)
+    by_ref = index_bundle(storage.read_committed_table(bundle).to_pylist())
+    items = plan_label("http-1", "demo", request.subject, request.label, request.privacy, request.synthesis, by_ref)
+    for item, image in zip(items, images):
+        assert submit(synthesis, item).result().image == storage.read_bytes(image["uri"])
+    again = requests.post(f"{url}/v1/generate", json=body, headers=auth, timeout=300).json()["images"]
+    assert [i["uri"] for i in again] == [i["uri"] for i in images]  # a retry writes nothing new
+
+
+def test_http_api_answers_503_with_retry_after_when_full(synthesis, http_port):
+    url = f"http://127.0.0.1:{http_port}/spinml"
+    body = _api_body("big", count=300)  # more than the app's 256 pending images
+    response = requests.post(f"{url}/v1/generate", json=body, headers={"Authorization": "Bearer demo-token"}, timeout=60)
+    assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
 
 
 def test_one_bad_item_does_not_fail_its_batch(synthesis):

@@ -15,6 +15,7 @@ from spinml_ray.images import digest
 from spinml_ray.spec import RequestSpec
 from spinml_ray.stages.sanitize import StageError
 from spinml_ray.synthesis.plan import plan_work_items
+from spinml_ray.synthesis.service import submit
 from spinml_ray.synthesis.workitems import WorkItem
 
 PART_ROWS = 256
@@ -62,7 +63,7 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
 
     for start in range(0, len(items), max_in_flight):
         window = items[start : start + max_in_flight]
-        responses = [handle.generate.remote(item) for item in window]
+        responses = [submit(handle, item) for item in window]
         for item, response in zip(window, responses):
             try:
                 generated = response.result()

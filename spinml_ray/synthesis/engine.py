@@ -1,20 +1,30 @@
 """The diffusion engine: one base model, loaded once, serving every pipeline kind in batches.
 
 All pipeline kinds share the same UNet, VAE, text encoder and (when present) ControlNet, so adding a
-kind costs no memory. `generate` groups work items by `WorkItem.batch_key` and runs each group as one
-batched pipeline call, with one seeded generator per image so each image can be regenerated alone.
+kind costs no memory. `generate` groups work items by `WorkItem.batch_key` (pipeline kind, shape,
+scheduler, adapter) and runs each group as one batched pipeline call, with one seeded generator per
+image so each image can be regenerated alone.
+
+Per-request LoRA adapters are loaded into the shared UNet/text encoder under their own names, at most
+`max_adapters` at a time (least recently used evicted). A group runs with exactly its own adapter
+active, or with every adapter disabled, so one request's adapter never touches another's images.
+A lock serialises generation and adapter loading/unloading on the replica.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
-from collections import defaultdict
+import os
+import threading
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 import torch
 from PIL import Image
 
+from spinml_ray import storage
 from spinml_ray.images import digest, encode_png
 from spinml_ray.models import source as model_source
 from spinml_ray.synthesis.workitems import GeneratedImage, WorkItem
@@ -30,11 +40,22 @@ def _pil(data: bytes, mode: str) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert(mode)
 
 
+SCHEDULERS = {
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
 class DiffusionEngine:
-    def __init__(self, model: str = "tiny", controlnet: str | None = None, device: str | None = None):
+    def __init__(self, model: str = "tiny", controlnet: str | None = None, device: str | None = None,
+                 max_adapters: int = 8):
+        import diffusers
         from diffusers import (
             ControlNetModel,
-            DPMSolverMultistepScheduler,
             StableDiffusionControlNetImg2ImgPipeline,
             StableDiffusionControlNetInpaintPipeline,
             StableDiffusionControlNetPipeline,
@@ -49,7 +70,10 @@ class DiffusionEngine:
         base = StableDiffusionPipeline.from_pretrained(
             path, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
-        base.scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++")
+        self.schedulers = {
+            name: getattr(diffusers, cls).from_config(base.scheduler.config, **extra)
+            for name, (cls, extra) in SCHEDULERS.items()
+        }
         base.set_progress_bar_config(disable=True)
         components = {k: v for k, v in base.components.items()}
         self.pipes = {
@@ -69,10 +93,52 @@ class DiffusionEngine:
         if controlnet_path:
             net.to(self.device)
         self.model = model
+        self.max_adapters = max_adapters
+        self.adapters: OrderedDict[str, str] = OrderedDict()  # adapter URI -> name in the pipeline
+        self._lock = threading.RLock()
 
     @property
     def kinds(self) -> list[str]:
         return sorted(self.pipes)
+
+    @staticmethod
+    def adapter_name(uri: str) -> str:
+        return "a" + hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+    def load_adapter(self, uri: str) -> str:
+        """Load the LoRA adapter folder at `uri` (local or s3://) unless loaded; returns its name."""
+        with self._lock:
+            if uri in self.adapters:
+                self.adapters.move_to_end(uri)
+                return self.adapters[uri]
+            while len(self.adapters) >= self.max_adapters:
+                self.unload_adapter(next(iter(self.adapters)))
+            name = self.adapter_name(uri)
+            local = uri
+            if storage.is_s3(uri):
+                local = storage.download_dir(uri, os.path.join(model_source.cache_dir(), "adapters", name))
+            if not os.path.exists(os.path.join(local, LORA_WEIGHTS)):
+                raise EngineError(f"{uri}: no {LORA_WEIGHTS} (a LoRA adapter saved by save_lora_weights)")
+            self.pipes["txt2img"].load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=name)
+            self.adapters[uri] = name
+            log.info("loaded adapter %s as %s", uri, name)
+            return name
+
+    def unload_adapter(self, uri: str) -> None:
+        with self._lock:
+            name = self.adapters.pop(uri, None)
+            if name is not None:
+                self.pipes["txt2img"].delete_adapters([name])
+
+    def _activate(self, adapter: str | None) -> None:
+        base = self.pipes["txt2img"]
+        if adapter is None:
+            if self.adapters:
+                base.disable_lora()
+            return
+        name = self.load_adapter(adapter)
+        base.enable_lora()
+        base.set_adapters([name])
 
     def generate(self, items: list[WorkItem]) -> list[GeneratedImage]:
         """Generate every item; the result list is in the order of `items`."""
@@ -82,10 +148,12 @@ class DiffusionEngine:
                 raise EngineError(f"{item.image_id}: pipeline '{item.kind}' needs ControlNet weights this model lacks")
             groups[item.batch_key()].append(position)
         results: list[GeneratedImage | None] = [None] * len(items)
-        for positions in groups.values():
-            group = [items[p] for p in positions]
-            for position, image in zip(positions, self._run(group)):
-                results[position] = image
+        with self._lock:
+            for positions in groups.values():
+                group = [items[p] for p in positions]
+                self._activate(group[0].adapter)
+                for position, image in zip(positions, self._run(group)):
+                    results[position] = image
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -112,7 +180,9 @@ class DiffusionEngine:
         if first.control_image is not None:
             key = "control_image" if first.init_image is not None else "image"
             kwargs[key] = [_pil(i.control_image, "RGB") for i in group]
-        images = self.pipes[kind](**kwargs).images
+        pipe = self.pipes[kind]
+        pipe.scheduler = self.schedulers[first.scheduler]
+        images = pipe(**kwargs).images
         out = []
         for item, array in zip(group, images):
             pixels = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from spinml_ray.images import decode_png, encode_png
-from spinml_ray.spec import Level, RequestSpec
+from spinml_ray.spec import LabelSpec, Level, PrivacySpec, RequestSpec, SynthesisSpec
 from spinml_ray.synthesis.prompts import build_prompt
 from spinml_ray.synthesis.workitems import WorkItem
 
@@ -63,43 +63,56 @@ def conditioning(target: dict, background: dict, size: int) -> dict[str, bytes |
     return out
 
 
-def plan_work_items(spec: RequestSpec, sanitized: list[dict]) -> list[WorkItem]:
-    """Every synthetic image the request needs, with its prompt, seed and conditioning."""
+def index_bundle(sanitized: list[dict]) -> dict[str, dict[str, dict]]:
+    """{ref_id: {"target": row, "background": row}} for references with both rows."""
     by_ref: dict[str, dict[str, dict]] = {}
     for row in sanitized:
         by_ref.setdefault(row["ref_id"], {})[row["object"]] = row
-    refs = sorted(ref for ref, objs in by_ref.items() if {"target", "background"} <= set(objs))
-    privacy, synth = spec.privacy, spec.synthesis
+    return {ref: objs for ref, objs in sorted(by_ref.items()) if {"target", "background"} <= set(objs)}
+
+
+def plan_label(request_id: str, tenant: str, subject: str, label: LabelSpec, privacy: PrivacySpec,
+               synth: SynthesisSpec, by_ref: dict[str, dict[str, dict]], adapter: str | None = None,
+               token: str | None = None) -> list[WorkItem]:
+    """The `synth.images_per_label` work items of one label (the job and the HTTP API share this)."""
     config = privacy.config
     n = synth.images_per_label
     n_l0 = n if config == L0_L0 else math.floor(privacy.alpha * n + 0.5)  # half rounds up
+    refs = list(by_ref)
     if n_l0 < n and not refs:
         raise ValueError(f"privacy {config} needs sanitized references, and none were accepted")
+    own = [r for r in refs if by_ref[r]["target"].get("label") in (None, label.name)] or refs
     conditions: dict[str, dict] = {}
     items = []
-    for label in spec.labels:
-        own = [r for r in refs if by_ref[r]["target"].get("label") in (None, label.name)] or refs
-        for index in range(n):
-            seed = image_seed(synth.seed, label.name, index)
-            common = dict(
-                image_id=f"{label.name}-{index:05d}",
-                request_id=spec.request_id,
-                tenant=spec.tenant,
-                label=label.name,
-                negative_prompt=synth.negative_prompt,
-                seed=seed,
-                resolution=synth.resolution,
-                steps=synth.steps,
-                guidance=synth.guidance,
-                strength=synth.strength,
-            )
-            if index < n_l0:
-                prompt = build_prompt(spec.subject, label.phrase, seed)
-                items.append(WorkItem(pool=L0_L0, prompt=prompt, **common))
-                continue
-            ref = own[index % len(own)]
-            if ref not in conditions:
-                conditions[ref] = conditioning(by_ref[ref]["target"], by_ref[ref]["background"], synth.resolution)
-            prompt = build_prompt(spec.subject, label.phrase, seed, describe_setting=privacy.background == Level.L0)
-            items.append(WorkItem(pool=config, prompt=prompt, source_ref=ref, **conditions[ref], **common))
+    for index in range(n):
+        seed = image_seed(synth.seed, label.name, index)
+        common = dict(
+            image_id=f"{label.name}-{index:05d}", request_id=request_id, tenant=tenant, label=label.name,
+            negative_prompt=synth.negative_prompt, seed=seed, resolution=synth.resolution, steps=synth.steps,
+            guidance=synth.guidance, strength=synth.strength, scheduler=synth.scheduler,
+        )
+        if index < n_l0:
+            prompt = build_prompt(subject, label.phrase, seed)
+            items.append(WorkItem(pool=L0_L0, prompt=prompt, **common))
+            continue
+        ref = own[index % len(own)]
+        if ref not in conditions:
+            conditions[ref] = conditioning(by_ref[ref]["target"], by_ref[ref]["background"], synth.resolution)
+        personalised = adapter is not None and privacy.target == Level.L2
+        prompt = build_prompt(subject, label.phrase, seed, token=token if personalised else None,
+                              describe_setting=privacy.background == Level.L0)
+        items.append(WorkItem(pool=config, prompt=prompt, source_ref=ref, adapter=adapter if personalised else None,
+                              **conditions[ref], **common))
     return items
+
+
+def plan_work_items(spec: RequestSpec, sanitized: list[dict], adapter: str | None = None,
+                    token: str | None = None) -> list[WorkItem]:
+    """Every synthetic image the request needs, with its prompt, seed and conditioning."""
+    by_ref = index_bundle(sanitized)
+    return [
+        item
+        for label in spec.labels
+        for item in plan_label(spec.request_id, spec.tenant, spec.subject, label, spec.privacy, spec.synthesis,
+                               by_ref, adapter, token)
+    ]

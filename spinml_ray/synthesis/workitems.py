@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+Scheduler = Literal["dpmsolver++", "ddim", "euler", "pndm", "unipc"]
 PipelineKind = Literal["txt2img", "controlnet", "img2img", "inpaint", "controlnet_img2img", "controlnet_inpaint"]
 
 
@@ -26,6 +27,8 @@ class WorkItem(BaseModel):
     steps: int = Field(ge=1, le=1000)
     guidance: float = Field(ge=0.0, le=50.0)
     strength: float = Field(default=0.75, gt=0.0, le=1.0)
+    scheduler: Scheduler = "dpmsolver++"
+    adapter: str | None = Field(default=None, description="URI of this request's LoRA adapter folder")
     source_ref: str | None = None
     control_image: bytes | None = None
     init_image: bytes | None = None
@@ -44,7 +47,7 @@ class WorkItem(BaseModel):
     def batch_key(self) -> tuple:
         """Items with equal keys can be generated in one pipeline call."""
         strength = self.strength if self.init_image is not None else None
-        return (self.kind, self.resolution, self.steps, self.guidance, strength)
+        return (self.kind, self.resolution, self.steps, self.guidance, strength, self.scheduler, self.adapter)
 
 
 class GeneratedImage(BaseModel):
