@@ -52,7 +52,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 class DiffusionEngine:
     def __init__(self, model: str = "tiny", controlnet: str | None = None, device: str | None = None,
-                 max_adapters: int = 8):
+                 max_adapters: int = 8, dtype: str | None = None):
         import diffusers
         from diffusers import (
             ControlNetModel,
@@ -65,7 +65,8 @@ class DiffusionEngine:
         )
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        # fp16 on GPU (attention runs through PyTorch SDPA, diffusers' default), fp32 on CPU.
+        dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device.startswith("cuda") else torch.float32)
         path = model_source.resolve(model)
         base = StableDiffusionPipeline.from_pretrained(
             path, dtype=dtype, safety_checker=None, requires_safety_checker=False

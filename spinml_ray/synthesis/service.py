@@ -184,10 +184,13 @@ class SynthesisAPI:
 
 
 def build_app(model: str = "tiny", controlnet: Optional[str] = None, storage_root: str = "spinml-data",
-              num_replicas: int = 1, gpus_per_replica: float = 0, max_batch_size: int = 8,
-              batch_wait_timeout_s: float = 0.05, autoscaling: Optional[dict] = None, max_pending_images: int = 256):
-    """The bound application. `autoscaling` (a Serve autoscaling_config) replaces `num_replicas`."""
-    actor_options = {"num_gpus": gpus_per_replica} if gpus_per_replica else {"num_cpus": 1}
+              num_replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float = 1,
+              max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05, autoscaling: Optional[dict] = None,
+              max_pending_images: int = 256):
+    """The bound application. `autoscaling` (a Serve autoscaling_config) replaces `num_replicas`.
+
+    On CPU a replica's torch uses `cpus_per_replica` threads (Ray sets OMP_NUM_THREADS from it)."""
+    actor_options = {"num_gpus": gpus_per_replica} if gpus_per_replica else {"num_cpus": cpus_per_replica}
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": num_replicas}
     diffusion = DiffusionDeployment.options(
         ray_actor_options=actor_options,
