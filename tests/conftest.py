@@ -72,3 +72,38 @@ def lora_adapter(tmp_path_factory, model_cache):
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray for the test session (started on first use); the S3 settings are set before it starts, so workers inherit them."""
+    import ray
+    from ray import serve
+
+    from spinml_ray.cluster import connect
+
+    os.environ["SPINML_API_TOKENS"] = "demo-token:demo,other-token:other"
+
+    connect(num_cpus=4)
+    yield ray
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def http_port():
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def synthesis_storage(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("api-storage"))
+
+
+@pytest.fixture(scope="session")
+def synthesis(ray_cluster, http_port, synthesis_storage):
+    """The synthesis app, deployed once and shared by the tests (as a platform would run it)."""
+    from spinml_ray.synthesis.service import ensure_running
+
+    handle, _ = ensure_running("tiny", http_port=http_port, storage_root=synthesis_storage)
+    return handle

@@ -11,48 +11,12 @@ import requests
 import torch
 import yaml
 
-from conftest import free_port
 from spinml_ray import storage
 from spinml_ray.examples import make_scene, write_example
-from spinml_ray.images import decode_png, digest, encode_png
+from spinml_ray.images import decode_png, encode_png
 from spinml_ray.training.classifier import build_model
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """One local Ray for the module; the S3 settings are set before it starts, so workers inherit them."""
-    import ray
-    from ray import serve
-
-    from spinml_ray.cluster import connect
-
-    os.environ["SPINML_API_TOKENS"] = "demo-token:demo,other-token:other"
-
-    connect(num_cpus=4)
-    yield ray
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def http_port():
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def synthesis_storage(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("api-storage"))
-
-
-@pytest.fixture(scope="module")
-def synthesis(ray_cluster, http_port, synthesis_storage):
-    """The synthesis app, deployed once and shared by the tests (as a platform would run it)."""
-    from spinml_ray.synthesis.service import ensure_running
-
-    handle, _ = ensure_running("tiny", http_port=http_port, storage_root=synthesis_storage)
-    return handle
 
 
 def run(request_uri, storage_root, http_port, stages=("sanitize", "synthesize", "train"), model="tiny"):
