@@ -83,5 +83,5 @@ def test_job_with_an_invalid_request_fails_with_a_clear_message(tmp_path, head_n
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "spinml: error:" in output and "labels" in output and "references" in output
+    assert "spinml: error:" in output and "labels" in output and "at least 2" in output
     assert "Traceback" not in output
