@@ -68,6 +68,21 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--canny", type=lambda t: _ints(t, 2, "--canny"), default=(100, 200), help="LOW,HIGH")
             p.add_argument("--no-blur-faces", action="store_true", help="keep faces in released L2 pixels")
             p.add_argument("--out", default="preview", help="--local/--preview: output folder")
+    serve_cmd = sub.add_parser("serve", help="deploy the synthesis service (HTTP API on 127.0.0.1 by default)")
+    serve_cmd.add_argument("--model", default=DEFAULT_MODEL)
+    serve_cmd.add_argument("--controlnet", default=None)
+    serve_cmd.add_argument("--storage", default=DEFAULT_STORAGE, help="where API calls store their images")
+    serve_cmd.add_argument("--address", default=None)
+    serve_cmd.add_argument("--num-cpus", type=int, default=None)
+    serve_cmd.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to serve other machines)")
+    serve_cmd.add_argument("--http-port", type=int, default=8000)
+    serve_cmd.add_argument("--replicas", type=int, default=1, help="diffusion replicas (one GPU each on GPU clusters)")
+    serve_cmd.add_argument("--autoscale", type=lambda t: _ints(t, 2, "--autoscale"), default=None,
+                           help="MIN,MAX replicas: autoscale instead of --replicas")
+    serve_cmd.add_argument("--max-batch-size", type=int, default=8)
+    serve_cmd.add_argument("--batch-wait-s", type=float, default=0.05)
+    serve_cmd.add_argument("--max-pending-images", type=int, default=256, help="beyond this the API answers 503")
+    serve_cmd.add_argument("--detach", action="store_true", help="return once deployed; the app keeps running")
     example = sub.add_parser("example", help="write the example request and its procedural images")
     example.add_argument("out_dir", nargs="?", default="examples")
     return parser
@@ -110,6 +125,36 @@ def _sanitize_here(args, parser) -> dict:
     return result
 
 
+def _serve(args) -> int:
+    """Deploy the synthesis app on the cluster and keep it up (until Ctrl-C, or detached)."""
+    import time
+
+    from ray import serve
+
+    from spinml_ray.cluster import cluster_has_gpus, connect
+    from spinml_ray.synthesis.service import APP_NAME, ROUTE_PREFIX, build_app
+
+    connect(args.address, num_cpus=args.num_cpus)
+    serve.start(http_options={"host": args.host, "port": args.http_port})
+    autoscaling = None
+    if args.autoscale:
+        autoscaling = {"min_replicas": args.autoscale[0], "max_replicas": args.autoscale[1],
+                       "target_ongoing_requests": 2 * args.max_batch_size}
+    serve.run(build_app(args.model, args.controlnet, storage_root=args.storage, num_replicas=args.replicas,
+                        gpus_per_replica=1 if cluster_has_gpus() else 0, max_batch_size=args.max_batch_size,
+                        batch_wait_timeout_s=args.batch_wait_s, autoscaling=autoscaling,
+                        max_pending_images=args.max_pending_images), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+    print(f"synthesis API: http://{args.host}:{args.http_port}{ROUTE_PREFIX}/v1/generate (GET {ROUTE_PREFIX}/healthz)")
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -121,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from spinml_ray.stages.sanitize import StageError
 
+    if args.command == "serve":
+        return _serve(args)
     try:
         if args.command == "sanitize" and (args.local or args.preview):
             print(json.dumps(_sanitize_here(args, parser), indent=2))

@@ -111,3 +111,37 @@ def test_killing_a_replica_mid_batch_fails_clearly_and_a_retry_completes(ray_clu
         assert _replica_actor_names("kill") and name not in _replica_actor_names("kill")
     finally:
         serve.delete("kill")
+
+
+def test_batching_settings_are_applied_through_user_config(ray_cluster, synthesis, tmp_path):
+    from ray import serve
+
+    from spinml_ray.synthesis.service import build_app
+
+    root = str(tmp_path / "store")
+    serve.run(build_app("tiny", storage_root=root, max_batch_size=4), name="reconf", route_prefix="/reconf")
+    handle = serve.get_deployment_handle("DiffusionDeployment", app_name="reconf")
+    try:
+        assert handle.info.remote().result()["batching"]["max_batch_size"] == 4
+        serve.run(build_app("tiny", storage_root=root, max_batch_size=16, batch_wait_timeout_s=0.2),
+                  name="reconf", route_prefix="/reconf")
+        info = handle.info.remote().result()
+        assert info["batching"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.2}
+    finally:
+        serve.delete("reconf")
+
+
+def test_a_requests_adapter_is_applied_to_its_own_images_only(synthesis, lora_adapter):
+    """Through Serve: items with and without an adapter, in flight together, batched on one replica."""
+    from spinml_ray.synthesis.service import submit
+    from spinml_ray.synthesis.workitems import WorkItem
+
+    common = dict(request_id="r", tenant="t", label="a", pool="p", prompt="A photo of a duck", seed=7,
+                  resolution=32, steps=2, guidance=5.0)
+    baseline = submit(synthesis, WorkItem(image_id="base", **common)).result().image
+    responses = [submit(synthesis, WorkItem(image_id=f"x{i}", adapter=lora_adapter if i % 2 else None, **common))
+                 for i in range(6)]
+    images = [r.result().image for r in responses]
+    assert all(image == baseline for image in images[0::2])  # other requests' images: untouched
+    assert all(image != baseline for image in images[1::2])  # this request's images: personalised
+    assert lora_adapter in synthesis.info.remote().result()["adapters"]

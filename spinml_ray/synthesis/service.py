@@ -58,9 +58,11 @@ class DiffusionDeployment:
         self.engine = DiffusionEngine(model, controlnet, max_adapters=max_adapters + 1)
 
     def reconfigure(self, config: dict) -> None:
-        """`user_config`: {"max_batch_size": int, "batch_wait_timeout_s": float}."""
-        self.generate_batch.set_max_batch_size(int(config.get("max_batch_size", 8)))
-        self.generate_batch.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.05)))
+        """`user_config`: {"max_batch_size": int, "batch_wait_timeout_s": float}; applied live."""
+        self.batching = {"max_batch_size": int(config.get("max_batch_size", 8)),
+                         "batch_wait_timeout_s": float(config.get("batch_wait_timeout_s", 0.05))}
+        self.generate_batch.set_max_batch_size(self.batching["max_batch_size"])
+        self.generate_batch.set_batch_wait_timeout_s(self.batching["batch_wait_timeout_s"])
 
     @serve.multiplexed(max_num_models_per_replica=8)
     async def get_adapter(self, uri: str) -> _AdapterRef:
@@ -100,7 +102,8 @@ class DiffusionDeployment:
         return result
 
     def info(self) -> dict:
-        return {"model": self.engine.model, "pipelines": self.engine.kinds, "adapters": list(self.engine.adapters)}
+        return {"model": self.engine.model, "pipelines": self.engine.kinds, "adapters": list(self.engine.adapters),
+                "batching": getattr(self, "batching", None), "device": self.engine.device}
 
 
 class ApiGenerateRequest(BaseModel):
