@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("run", "run every stage of a request"),
         ("sanitize", "stage 1: sanitize the references (Ray Data); or --preview / --local without Ray"),
+        ("personalize", "stage 1b: DreamBooth-LoRA adapter for an L2 target (Ray Train)"),
         ("synthesize", "stage 2: generate synthetic images (Ray Serve)"),
         ("train", "stage 3: train and evaluate the specialized model (Ray Train)"),
     ):
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--model", default=DEFAULT_MODEL, help="model source: tiny, a directory, s3:// prefix or hub id")
         if name in ("run", "sanitize"):
             p.add_argument("--sam", default=None, help="SAM folder (sam.json + checkpoint); default: the model's sam/")
-        if name in ("run", "synthesize"):
+        if name in ("run", "synthesize", "personalize"):
             p.add_argument("--controlnet", default=None, help="ControlNet source (default: the model's controlnet/)")
             p.add_argument("--keep-serving", action="store_true", help="leave the synthesis app deployed")
             p.add_argument("--http-port", type=int, default=8000, help="Serve HTTP port on 127.0.0.1")
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.request is None:
             parser.error(f"{args.command} needs REQUEST")
         from spinml_ray.cluster import connect
-        from spinml_ray.pipeline import run_request
+        from spinml_ray.pipeline import STAGES, run_request
         from spinml_ray.spec import load_request
 
         load_request(args.request)  # bad input fails here, before any cluster starts
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             model=getattr(args, "model", DEFAULT_MODEL),
             controlnet=getattr(args, "controlnet", None),
             sam=getattr(args, "sam", None),
-            stages=("sanitize", "synthesize", "train") if args.command == "run" else (args.command,),
+            stages=STAGES if args.command == "run" else (args.command,),
             keep_serving=getattr(args, "keep_serving", False),
             http_port=getattr(args, "http_port", 8000),
         )

@@ -9,7 +9,7 @@ from spinml_ray import storage
 from spinml_ray.spec import RequestSpec, load_request
 
 log = logging.getLogger(__name__)
-STAGES = ("sanitize", "synthesize", "train")
+STAGES = ("sanitize", "personalize", "synthesize", "train")
 
 
 def request_paths(spec: RequestSpec, root: str) -> storage.RequestPaths:
@@ -29,6 +29,7 @@ def run_request(
     """Run `stages` of one request on the connected Ray cluster; returns a summary per stage."""
     from ray import serve
 
+    from spinml_ray.stages.personalize import run_personalize
     from spinml_ray.stages.sanitize import run_sanitize
     from spinml_ray.stages.synthesize import run_synthesize
     from spinml_ray.stages.train import run_train
@@ -41,11 +42,14 @@ def run_request(
     if "sanitize" in stages:
         started = time.time()
         summary["sanitize"] = {**run_sanitize(spec, paths, model=model, sam=sam), "seconds": round(time.time() - started, 2)}
-    if "synthesize" in stages:
-        started = time.time()
+    if "personalize" in stages or "synthesize" in stages:
         handle, deployed = ensure_running(model, controlnet, http_port=http_port, storage_root=storage_root)
         try:
-            summary["synthesize"] = {**run_synthesize(spec, paths, handle), "seconds": round(time.time() - started, 2)}
+            for name, stage in (("personalize", lambda: run_personalize(spec, paths, model, handle)),
+                                ("synthesize", lambda: run_synthesize(spec, paths, handle))):
+                if name in stages:
+                    started = time.time()
+                    summary[name] = {**stage(), "seconds": round(time.time() - started, 2)}
         finally:
             if deployed and not keep_serving:
                 serve.delete(APP_NAME)

@@ -102,6 +102,30 @@ class SynthesisSpec(_Strict):
         return value
 
 
+class PersonalizationSpec(_Strict):
+    """DreamBooth-LoRA on the released L2 target (runs only when the target is at L2).
+
+    Defaults follow DreamBooth practice for LoRA: identifier 'sks', rank 4, lr 1e-4, 400 steps, prior
+    preservation with weight 1.0 on class images made by the base model."""
+
+    enabled: bool = True
+    token: str = Field(default="sks", pattern=r"^[a-z]{2,12}$")
+    class_noun: str | None = Field(default=None, description="default: the request's subject")
+    steps: int = Field(default=400, ge=1, le=100_000)
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    rank: int = Field(default=4, ge=1, le=256)
+    batch_size: int = Field(default=1, ge=1, le=64)
+    train_text_encoder: bool = False
+    prior_preservation: bool = True
+    prior_loss_weight: float = Field(default=1.0, ge=0.0, le=100.0)
+    class_images: int = Field(default=50, ge=1, le=10_000)
+    resolution: int | None = Field(default=None, ge=16, le=2048, multiple_of=8, description="default: synthesis resolution")
+    checkpoint_every: int = Field(default=50, ge=1)
+    num_workers: int = Field(default=1, ge=1, le=1024)
+    gpu_fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="GPU share per worker on GPU clusters")
+    seed: int = Field(default=0, ge=0)
+
+
 class TrainingSpec(_Strict):
     architecture: Literal["mobilenet_v2", "resnet18"] = "mobilenet_v2"
     epochs: int = Field(default=5, ge=1, le=1000)
@@ -122,6 +146,7 @@ class RequestSpec(_Strict):
     privacy: PrivacySpec = PrivacySpec()
     sanitization: SanitizationSpec = SanitizationSpec()
     synthesis: SynthesisSpec = SynthesisSpec()
+    personalization: PersonalizationSpec = PersonalizationSpec()
     training: TrainingSpec = TrainingSpec()
     test_set: str | None = Field(default=None, description="URI of a folder with one subfolder per label")
     min_references: int = Field(default=1, ge=1)

@@ -225,6 +225,10 @@ class RequestPaths:
         return join(self.base, "synthetic")
 
     @property
+    def adapters(self) -> str:
+        return join(self.base, "adapters")
+
+    @property
     def model(self) -> str:
         return join(self.base, "model")
 

@@ -49,8 +49,11 @@ def condition_digest(item: WorkItem) -> str:
 
 def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_in_flight: int = 64) -> dict:
     """Generate every synthetic image of the request through `handle`; returns the committed manifest."""
+    from spinml_ray.stages.personalize import adapter_for
+
     sanitized = storage.read_committed_table(paths.sanitized).to_pylist()
-    items = plan_work_items(spec, sanitized)
+    adapter, token = adapter_for(paths)
+    items = plan_work_items(spec, sanitized, adapter, token)
     label_index = {name: i for i, name in enumerate(spec.label_names)}
     rows, parts, failures = [], [], []
 
@@ -90,4 +93,4 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
     if failures:
         raise StageError(f"request {spec.request_id}: {len(failures)} image(s) failed: " + "; ".join(failures[:5]))
     return storage.commit(paths.synthetic, parts, images=len(items), privacy=spec.privacy.config,
-                          alpha=spec.privacy.alpha)
+                          alpha=spec.privacy.alpha, adapter=adapter)

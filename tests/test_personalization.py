@@ -1,0 +1,102 @@
+"""DreamBooth-LoRA pieces without Ray: inputs, augmentation, training, the saved adapter."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from spinml_ray.examples import make_scene
+from spinml_ray.images import decode_png
+from spinml_ray.models.source import resolve
+from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, LoraTrainer, augment, target_crops
+from spinml_ray.sanitizer import sanitize_image
+from spinml_ray.synthesis.engine import DiffusionEngine
+from spinml_ray.synthesis.workitems import WorkItem
+
+SETTINGS = dict(rank=4, train_text_encoder=False, resolution=32, seed=0, token="sks", class_noun="rubber duck",
+                batch_size=2, prior_preservation=True, prior_loss_weight=1.0, steps=30, learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    out = []
+    for i in range(3):
+        image, mask = make_scene("resting", i)
+        out += sanitize_image(f"ref-{i}", image, mask, "L2", "L1")
+    return out
+
+
+def test_only_released_l2_target_pixels_are_used(rows):
+    crops = target_crops(rows)
+    assert len(crops) == 3
+    for crop, row in zip(crops, [r for r in rows if r["object"] == "target"]):
+        region = decode_png(row["region"]) > 0
+        ys, xs = np.nonzero(region)
+        assert decode_png(crop).shape == (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1, 3)
+    assert target_crops([r for r in rows if r["object"] == "background"]) == []  # L1 edges are never used
+    at_l1 = [dict(r, level="L1") if r["object"] == "target" else r for r in rows]
+    assert target_crops(at_l1) == []
+
+
+def test_augmentation_is_seeded_and_varies(rows):
+    crop = target_crops(rows)[0]
+    a = [augment(crop, 32, np.random.default_rng(0)) for _ in range(2)]
+    assert a[0].shape == (3, 32, 32) and float(a[0].min()) >= -1.0 and float(a[0].max()) <= 1.0
+    assert torch.equal(a[0], a[1])
+    rng = np.random.default_rng(1)
+    variants = [augment(crop, 32, rng) for _ in range(6)]
+    assert any(not torch.equal(variants[0], v) for v in variants[1:])
+
+
+@pytest.fixture(scope="module")
+def trained(rows, tmp_path_factory):
+    crops = target_crops(rows)
+    trainer = LoraTrainer(resolve("tiny"), SETTINGS, crops, crops[:1])
+    optimizer = torch.optim.AdamW(trainer.trainable(), lr=SETTINGS["learning_rate"])
+    before = trainer.fixed_loss()
+    losses = [trainer.train_step(optimizer) for _ in range(SETTINGS["steps"])]
+    out = str(tmp_path_factory.mktemp("adapter"))
+    trainer.save_adapter(out)
+    return trainer, before, losses, out
+
+
+def test_loss_falls_on_a_fixed_subject(trained):
+    trainer, before, losses, _ = trained
+    assert trainer.step == 30 and all(np.isfinite(losses))
+    assert trainer.fixed_loss() < before  # same images, noise and timesteps as before training
+
+
+def test_lora_state_round_trip_restores_the_model(rows, trained):
+    trainer, _, _, _ = trained
+    fresh = LoraTrainer(resolve("tiny"), SETTINGS, target_crops(rows), [])
+    assert fresh.fixed_loss() != trainer.fixed_loss()
+    fresh.load_lora_state(trainer.lora_state())
+    assert fresh.fixed_loss() == pytest.approx(trainer.fixed_loss(), rel=1e-6)
+
+
+def test_saved_adapter_loads_into_the_engine_and_changes_its_output(trained):
+    _, _, _, out = trained
+    assert sorted(os.listdir(out)) == sorted([ADAPTER_CONFIG, LORA_WEIGHTS])
+    config = json.load(open(os.path.join(out, ADAPTER_CONFIG)))
+    assert config["token"] == "sks" and config["steps"] == 30 and config["settings"]["rank"] == 4
+    engine = DiffusionEngine("tiny")
+    item = dict(request_id="r", tenant="t", label="a", pool="p", prompt="A photo of a sks rubber duck", seed=3,
+                resolution=32, steps=4, guidance=5.0)
+    plain = engine.generate([WorkItem(image_id="p", **item)])[0].image
+    personal = engine.generate([WorkItem(image_id="a", adapter=out, **item)])[0].image
+    assert personal != plain
+    assert decode_png(personal).shape == (32, 32, 3)
+
+
+def test_text_encoder_lora_is_saved_when_asked(rows, tmp_path):
+    from safetensors.torch import load_file
+
+    crops = target_crops(rows)
+    trainer = LoraTrainer(resolve("tiny"), {**SETTINGS, "train_text_encoder": True}, crops, [])
+    optimizer = torch.optim.AdamW(trainer.trainable(), lr=1e-3)
+    trainer.train_step(optimizer)
+    trainer.save_adapter(str(tmp_path))
+    keys = load_file(str(tmp_path / LORA_WEIGHTS)).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
