@@ -127,6 +127,13 @@ def write_bytes(uri: str, data: bytes) -> None:
         stream.write(data)
 
 
+def delete(uri: str) -> None:
+    """Remove a file if it exists."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def write_json(uri: str, value) -> None:
     write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
