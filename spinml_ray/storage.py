@@ -208,6 +208,8 @@ def download_dir(uri: str, local_dir: str) -> str:
 
 def upload_dir(local_dir: str, uri: str) -> None:
     fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 

@@ -344,3 +344,12 @@ def test_s3_resolve_does_not_climb_out_of_the_bucket():
     except ValueError:
         return
     assert resolved.startswith("s3://bucket/") and ".." not in resolved, resolved
+
+
+def test_upload_dir_creates_a_missing_local_destination(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("x")
+    destination = tmp_path / "not" / "yet" / "there"
+    storage.upload_dir(str(source), str(destination))
+    assert (destination / "a.txt").read_text() == "x"

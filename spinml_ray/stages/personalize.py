@@ -17,6 +17,7 @@ import io
 import json
 import os
 import tempfile
+import time
 
 import pyarrow as pa
 import torch
@@ -95,6 +96,7 @@ def personalize_loop(config: dict) -> None:
         initial_loss = trainer.fixed_loss()
     marker = config.get("fail_once_marker")
     loss = float("nan")
+    started, first_step = time.perf_counter(), trainer.step
     while trainer.step < settings["steps"]:
         if marker and rank == 0 and trainer.step == config["fail_at_step"] and not os.path.exists(marker):
             open(marker, "w").close()
@@ -109,6 +111,7 @@ def personalize_loop(config: dict) -> None:
             if rank == 0:
                 plain_unet, trainer.unet = trainer.unet, _plain(trainer.unet)
                 if last:
+                    metrics["steps_per_s"] = (trainer.step - first_step) / (time.perf_counter() - started)
                     metrics["final_loss"] = trainer.fixed_loss()
                     adapter_dir = os.path.join(tmp, "adapter")
                     trainer.save_adapter(adapter_dir)
