@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_example(args.out_dir))
         return 0
-    from spinml_ray.stages.sanitize import StageError
+    from spinml_ray.stages import StageError
 
     if args.command == "serve":
         return _serve(args)

@@ -238,7 +238,7 @@ def test_stage_subcommands_run_one_stage_each(tmp_path, synthesis, capsys):
 
 def test_sam_segments_unmasked_references_and_bad_ones_are_rejected(tmp_path, synthesis, http_port):
     """References without masks go through SAM in the Ray Data actors; a corrupt one is recorded."""
-    from spinml_ray.stages.sanitize import StageError
+    from spinml_ray.stages import StageError
 
     folder = tmp_path / "req"
     folder.mkdir()

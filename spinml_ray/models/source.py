@@ -64,15 +64,6 @@ def resolve(source: str) -> str:
     return source
 
 
-def resolve_sam(base: str, sam: str | None = None) -> str | None:
-    """The folder holding SAM's `sam.json` and checkpoint: `sam` if given, else the source's `sam/`."""
-    if sam:
-        return resolve_component(sam)
-    local = resolve(base)
-    candidate = os.path.join(local, "sam")
-    return candidate if os.path.isdir(candidate) else None
-
-
 def resolve_component(source: str) -> str:
     """A component folder (SAM, ControlNet): local, or copied from s3:// into the cache."""
     if storage.is_s3(source):
@@ -82,10 +73,20 @@ def resolve_component(source: str) -> str:
     return os.path.abspath(source)
 
 
-def resolve_controlnet(base: str, controlnet: str | None = None) -> str | None:
-    """Where the ControlNet weights live, or None when there are none (L1 then is refused)."""
-    if controlnet:
-        return resolve(controlnet)
-    local = resolve(base)
-    candidate = os.path.join(local, "controlnet")
+def resolve_part(base: str, name: str, override: str | None = None) -> str | None:
+    """A model part (`controlnet`, `sam`): `override` when given (a ControlNet may also be a hub id),
+    else the base source's `{name}/` folder, else None (the part is missing)."""
+    if override:
+        return resolve(override) if name == "controlnet" else resolve_component(override)
+    candidate = os.path.join(resolve(base), name)
     return candidate if os.path.isdir(candidate) else None
+
+
+def resolve_sam(base: str, sam: str | None = None) -> str | None:
+    """The folder holding SAM's `sam.json` and checkpoint, or None."""
+    return resolve_part(base, "sam", sam)
+
+
+def resolve_controlnet(base: str, controlnet: str | None = None) -> str | None:
+    """Where the ControlNet weights live, or None when there are none (L1 items are then refused)."""
+    return resolve_part(base, "controlnet", controlnet)

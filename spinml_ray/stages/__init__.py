@@ -1,1 +1,5 @@
 """The Ray layer: each stage wires pure functions into Ray Data, Ray Serve or Ray Train."""
+
+
+class StageError(RuntimeError):
+    """A stage that cannot complete for this request; the message says why."""

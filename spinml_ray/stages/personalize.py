@@ -160,7 +160,7 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
     from ray.train.torch import TorchTrainer
 
     from spinml_ray.cluster import cluster_has_gpus
-    from spinml_ray.stages.sanitize import StageError
+    from spinml_ray.stages import StageError
 
     p = spec.personalization
     if spec.privacy.target != Level.L2 or not p.enabled:

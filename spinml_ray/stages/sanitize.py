@@ -30,13 +30,10 @@ from spinml_ray.bundle import (
     validate_uploaded,
 )
 from spinml_ray.segmentation import LazySegmenter
+from spinml_ray.stages import StageError
 from spinml_ray.spec import RequestSpec, SanitizationSpec
 
 log = logging.getLogger(__name__)
-
-
-class StageError(RuntimeError):
-    """A stage that cannot complete for this request; the message says why."""
 
 
 class SanitizeWorker:

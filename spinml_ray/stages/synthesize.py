@@ -13,7 +13,7 @@ import pyarrow as pa
 from spinml_ray import storage
 from spinml_ray.images import digest
 from spinml_ray.spec import RequestSpec
-from spinml_ray.stages.sanitize import StageError
+from spinml_ray.stages import StageError
 from spinml_ray.synthesis.plan import plan_work_items
 from spinml_ray.synthesis.service import submit
 from spinml_ray.synthesis.workitems import WorkItem

@@ -74,7 +74,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
 
     from spinml_ray.cluster import cluster_has_gpus
 
-    from spinml_ray.stages.sanitize import StageError
+    from spinml_ray.stages import StageError
 
     if storage.read_manifest(paths.synthetic) is None:
         raise StageError(f"{paths.synthetic}: no committed synthetic images; run the synthesize stage first")
