@@ -64,11 +64,12 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path, synthesis, h
     assert all("sks rubber duck" in r["prompt"] for r in synthetic)
 
 
-def test_requests_without_an_l2_target_never_start_the_stage(tmp_path, synthesis, http_port):
-    uri = _request(tmp_path / "req", "l1", target="L1")
+@pytest.mark.parametrize("target", ["L0", "L1"])
+def test_requests_without_an_l2_target_never_start_the_stage(tmp_path, synthesis, http_port, target):
+    uri = _request(tmp_path / "req", f"no-l2-{target}", target=target)
     root = str(tmp_path / "out")
     summary = _run(uri, root, http_port, ("sanitize", "personalize"))
-    assert summary["personalize"]["skipped"].startswith("target released at L1")
+    assert summary["personalize"]["skipped"].startswith(f"target released at {target}")
     paths = request_paths(load_request(uri), root)
     assert not storage.exists(paths.adapters) and not storage.exists(paths.train_runs)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 
 import numpy as np
 import pyarrow as pa
@@ -51,7 +52,9 @@ class SanitizeWorker:
         if rows:
             part = storage.part_uri(self.out_dir)
             storage.write_table(part, pa.Table.from_pylist(rows, schema=SANITIZED_SCHEMA))
-        return {"part": np.array([part]), "rows": np.array([len(rows)]), "rejections": np.array([json.dumps(rejections)])}
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return {"part": np.array([part]), "rows": np.array([len(rows)]), "rejections": np.array([json.dumps(rejections)]),
+                "peak_rss_mb": np.array([peak_mb])}
 
 
 def _default_workers() -> int:
@@ -61,7 +64,7 @@ def _default_workers() -> int:
 
 
 def _sanitize_references(spec: RequestSpec, paths: storage.RequestPaths, model: str, sam: str | None,
-                         workers: int | None, batch_size: int) -> tuple[list[str], list[dict], int]:
+                         workers: int | None, batch_size: int) -> tuple[list[str], list[dict], int, float]:
     import ray
 
     from spinml_ray.cluster import cluster_has_gpus
@@ -87,10 +90,10 @@ def _sanitize_references(spec: RequestSpec, paths: storage.RequestPaths, model: 
     ).take_all()
     parts = [r["part"] for r in results if r["part"]]
     rejections = [rej for r in results for rej in json.loads(r["rejections"])]
-    return parts, rejections, len(items)
+    return parts, rejections, len(items), max((float(r["peak_rss_mb"]) for r in results), default=0.0)
 
 
-def _accept_bundle(spec: RequestSpec, paths: storage.RequestPaths) -> tuple[list[str], list[dict], int]:
+def _accept_bundle(spec: RequestSpec, paths: storage.RequestPaths) -> tuple[list[str], list[dict], int, float]:
     try:
         table = storage.read_table(spec.bundle)
     except FileNotFoundError:
@@ -105,7 +108,7 @@ def _accept_bundle(spec: RequestSpec, paths: storage.RequestPaths) -> tuple[list
     if rows:
         parts.append(storage.part_uri(paths.sanitized))
         storage.write_table(parts[0], pa.Table.from_pylist(rows, schema=SANITIZED_SCHEMA))
-    return parts, rejections, len({r["ref_id"] for r in rows}) + len(rejections)
+    return parts, rejections, len({r["ref_id"] for r in rows}) + len(rejections), 0.0
 
 
 def run_sanitize(spec: RequestSpec, paths: storage.RequestPaths, model: str = "tiny", sam: str | None = None,
@@ -114,9 +117,9 @@ def run_sanitize(spec: RequestSpec, paths: storage.RequestPaths, model: str = "t
 
     SAM comes from `sam` when given, else from the model source's `sam/` folder (if it has one)."""
     if spec.bundle:
-        parts, rejections, total = _accept_bundle(spec, paths)
+        parts, rejections, total, peak_mb = _accept_bundle(spec, paths)
     else:
-        parts, rejections, total = _sanitize_references(spec, paths, model, sam, workers, batch_size)
+        parts, rejections, total, peak_mb = _sanitize_references(spec, paths, model, sam, workers, batch_size)
     accepted = total - len(rejections)
     storage.write_table(storage.join(paths.sanitized, "rejections.parquet"),
                         pa.Table.from_pylist(rejections, schema=REJECTION_SCHEMA))
@@ -128,4 +131,5 @@ def run_sanitize(spec: RequestSpec, paths: storage.RequestPaths, model: str = "t
     return storage.commit(
         paths.sanitized, parts, privacy=spec.privacy.config, references=total, accepted=accepted,
         rejected=len(rejections), rejections="rejections.parquet", source="bundle" if spec.bundle else "references",
+        worker_peak_rss_mb=round(peak_mb, 1),
     )
