@@ -74,9 +74,10 @@ def main() -> None:
           f"{os.cpu_count()} CPU cores\n")
     print("| mode | seconds | images/s | vs plain loop | worker peak RSS MiB |")
     print("|---|---:|---:|---:|---:|")
-    base = results[0][1]
+    base = None if args.ray_only else results[0][1]
     for name, seconds, rss in results:
-        print(f"| {name} | {seconds:.2f} | {args.images / seconds:.1f} | {base / seconds:.2f}x | {rss or '-'} |")
+        ratio = f"{base / seconds:.2f}x" if base else "-"
+        print(f"| {name} | {seconds:.2f} | {args.images / seconds:.1f} | {ratio} | {rss or '-'} |")
     print(f"\ndriver peak RSS: {driver_before:.0f} MiB before Ray Data, {driver_after:.0f} MiB after")
 
 

@@ -84,6 +84,15 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--batch-wait-s", type=float, default=0.05)
     serve_cmd.add_argument("--max-pending-images", type=int, default=256, help="beyond this the API answers 503")
     serve_cmd.add_argument("--detach", action="store_true", help="return once deployed; the app keeps running")
+    batch = sub.add_parser("batch", help="run many requests in one job (a manifest, or a prefix to scan)")
+    batch.add_argument("manifest", help="manifest file (list of request URIs) or a storage prefix with requests")
+    batch.add_argument("--storage", default=DEFAULT_STORAGE)
+    batch.add_argument("--model", default=DEFAULT_MODEL)
+    batch.add_argument("--address", default=None)
+    batch.add_argument("--num-cpus", type=int, default=None)
+    batch.add_argument("--max-concurrent", type=int, default=None, help="requests in flight (default: CPUs / 2)")
+    batch.add_argument("--name", default="batch", help="name of the stored summary (_batches/NAME.json)")
+    batch.add_argument("--http-port", type=int, default=8000)
     example = sub.add_parser("example", help="write the example request and its procedural images")
     example.add_argument("out_dir", nargs="?", default="examples")
     return parser
@@ -156,6 +165,25 @@ def _serve(args) -> int:
     return 0
 
 
+def _batch(args) -> int:
+    from spinml_ray.batch import format_summary, list_requests, run_batch
+    from spinml_ray.cluster import connect
+
+    try:
+        requests = list_requests(args.manifest)
+    except (SpecError, FileNotFoundError) as exc:
+        print(f"spinml: error: {exc}", file=sys.stderr)
+        return 2
+    connect(args.address, num_cpus=args.num_cpus)
+    summary = run_batch(requests, args.storage, model=args.model, max_concurrent=args.max_concurrent,
+                        name=args.name, http_port=args.http_port)
+    print(format_summary(summary))
+    failed = sum(row.get("state") != "done" for row in summary)
+    print(f"{len(summary) - failed} of {len(summary)} requests done; summary: "
+          f"{os.path.join(args.storage, '_batches', args.name + '.json')}")
+    return 0 if not failed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -169,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "serve":
         return _serve(args)
+    if args.command == "batch":
+        return _batch(args)
     try:
         if args.command == "sanitize" and (args.local or args.preview):
             print(json.dumps(_sanitize_here(args, parser), indent=2))

@@ -91,6 +91,11 @@ def resolve(base: str, uri: str) -> str:
     return os.path.normpath(os.path.join(_local(base), uri))
 
 
+def is_file(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -1,0 +1,125 @@
+"""Many requests in one job: shared synthesis service, overlapping stages, per-request status, re-runs.
+
+`run_batch` takes request URIs (from a manifest file, or found under a storage prefix), deploys the
+synthesis application once for all of them, and runs up to `max_concurrent` requests at a time, each
+through its remaining stages, so one request trains while others generate or sanitize. A stage whose
+output is already committed is skipped, so re-running a job finishes what is missing and repeats
+nothing. One request's failure (bad input, a crash) is recorded in its status and the others go on.
+
+Each request's `status.json` (stage, state, seconds, error) is rewritten atomically as it moves; the
+job logs one line per change and ends with a summary table, also stored as `_batches/{name}.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import yaml
+
+from spinml_ray import storage
+from spinml_ray.pipeline import STAGES, request_paths, run_request
+from spinml_ray.spec import SpecError, load_request
+
+log = logging.getLogger(__name__)
+REQUEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def list_requests(source: str) -> list[str]:
+    """Request URIs from a manifest file (a YAML/JSON list, or a mapping with `requests:`), or every
+    request document under a storage prefix."""
+    if storage.is_file(source):
+        document = yaml.safe_load(storage.read_bytes(source))
+        uris = document.get("requests") if isinstance(document, dict) else document
+        if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
+            raise SpecError(f"{source}: a manifest is a list of request URIs (or {{requests: [...]}})")
+        return [storage.resolve(storage.parent(source), u) for u in uris]
+    found = [u for u in storage.list_files(source, recursive=True) if u.endswith(REQUEST_SUFFIXES)]
+    if not found:
+        raise SpecError(f"{source}: no manifest file and no request documents under it")
+    return found
+
+
+def _complete(spec, paths: storage.RequestPaths, stage: str) -> bool:
+    directory = {"sanitize": paths.sanitized, "personalize": paths.adapters, "synthesize": paths.synthetic,
+                 "train": paths.model}[stage]
+    if stage == "personalize" and (spec.privacy.target.value != "L2" or not spec.personalization.enabled):
+        return True
+    return storage.read_manifest(directory) is not None
+
+
+class BatchRun:
+    def __init__(self, storage_root: str, model: str, http_port: int):
+        self.root, self.model, self.http_port = storage_root, model, http_port
+        self.lock = threading.Lock()
+        self.rows: dict[str, dict] = {}
+
+    def _update(self, uri: str, paths: storage.RequestPaths | None, **changes) -> None:
+        with self.lock:
+            row = self.rows.setdefault(uri, {"request": uri, "stages": {}})
+            stage = changes.pop("stage", None)
+            if stage:
+                row["stages"][stage] = {**row["stages"].get(stage, {}), **changes}
+                log.info("%s %s: %s", uri, stage, changes.get("state"))
+            else:
+                row.update(changes)
+            snapshot = dict(row)
+        if paths is not None:
+            storage.write_json(storage.join(paths.base, "status.json"), snapshot)
+
+    def run_one(self, uri: str) -> None:
+        try:
+            spec = load_request(uri)
+        except Exception as exc:  # bad input: recorded, the others go on
+            self._update(uri, None, state="failed", error=str(exc))
+            return
+        paths = request_paths(spec, self.root)
+        self._update(uri, paths, request_id=spec.request_id, tenant=spec.tenant, state="running", error=None)
+        for stage in STAGES:
+            if _complete(spec, paths, stage):
+                self._update(uri, paths, stage=stage, state="done (already complete)")
+                continue
+            self._update(uri, paths, stage=stage, state="running")
+            started = time.time()
+            try:
+                run_request(uri, self.root, model=self.model, stages=(stage,), keep_serving=True,
+                            http_port=self.http_port)
+            except Exception as exc:
+                self._update(uri, paths, stage=stage, state="failed", seconds=round(time.time() - started, 2),
+                             error=str(exc))
+                self._update(uri, paths, state="failed", error=f"{stage}: {exc}")
+                return
+            self._update(uri, paths, stage=stage, state="done", seconds=round(time.time() - started, 2))
+        self._update(uri, paths, state="done")
+
+
+def run_batch(requests: list[str], storage_root: str, model: str = "tiny", max_concurrent: int | None = None,
+              name: str = "batch", http_port: int = 8000) -> list[dict]:
+    """Run every request; returns (and stores) the summary rows."""
+    import ray
+
+    from spinml_ray.synthesis.service import ensure_running
+
+    ensure_running(model, http_port=http_port, storage_root=storage_root)
+    if max_concurrent is None:  # default: about one request per two CPUs of the cluster
+        max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
+    batch = BatchRun(storage_root, model, http_port)
+    with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="request") as pool:
+        list(pool.map(batch.run_one, requests))
+    summary = [batch.rows[uri] for uri in requests]
+    storage.write_json(storage.join(storage_root, "_batches", f"{name}.json"), summary)
+    return summary
+
+
+def format_summary(summary: list[dict]) -> str:
+    lines = ["| request | state | " + " | ".join(STAGES) + " | error |", "|---|---|" + "---|" * len(STAGES) + "---|"]
+    for row in summary:
+        cells = []
+        for stage in STAGES:
+            info = row["stages"].get(stage, {})
+            cells.append(f"{info.get('state', '-')}" + (f" {info['seconds']}s" if "seconds" in info else ""))
+        error = (row.get("error") or "").replace("|", "/")[:120]
+        lines.append(f"| {row.get('request_id', row['request'])} | {row.get('state')} | " + " | ".join(cells) + f" | {error} |")
+    return "\n".join(lines)
