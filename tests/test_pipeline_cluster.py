@@ -56,9 +56,17 @@ def test_example_request_end_to_end(tmp_path, synthesis, http_port):
     assert all("yellow rubber duck" in r["prompt"] for r in synthetic)
 
     model_dir = os.path.join(base, "model")
-    assert sorted(storage.read_manifest(model_dir)["files"]) == ["metrics.json", "model.pt", "settings.json"]
-    model = build_model("mobilenet_v2", 2)
+    assert sorted(storage.read_manifest(model_dir)["files"]) == [
+        "metrics.json", "model.onnx", "model.pt", "model.torchscript.pt", "settings.json"]
+    model = build_model("mobilenet_v2", 2).eval()
     model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(os.path.join(model_dir, "model.pt")))))
+    from spinml_ray.training.export import onnx_logits
+
+    batch = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    delivered = onnx_logits(storage.read_bytes(os.path.join(model_dir, "model.onnx")), batch.numpy())
+    assert np.allclose(delivered, expected, atol=1e-4)  # the device gets the model that was evaluated
     metrics = storage.read_json(os.path.join(model_dir, "metrics.json"))
     assert metrics["evaluated_on"] == "real test set" and metrics["n"] == 8
     assert 0.0 <= metrics["accuracy"] <= 1.0 and np.array(metrics["confusion"]).sum() == 8

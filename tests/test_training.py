@@ -77,3 +77,20 @@ def test_image_folder_reads_only_label_folders(tmp_path):
     assert targets == [0, 0, 1] and len(images) == 3
     with pytest.raises(FileNotFoundError, match="no test images"):
         load_image_folder(str(tmp_path), ["x", "y"])
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+def test_exported_models_match_pytorch(arch):
+    import io
+
+    from spinml_ray.training.export import onnx_logits, to_onnx, to_torchscript
+
+    torch.manual_seed(0)
+    model = build_model(arch, 3).eval()
+    batch = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(batch).numpy()
+    assert np.allclose(onnx_logits(to_onnx(model, 64), batch.numpy()), expected, atol=1e-4)  # any batch size
+    scripted = torch.jit.load(io.BytesIO(to_torchscript(model, 64)))
+    with torch.no_grad():
+        assert np.allclose(scripted(batch).numpy(), expected, atol=1e-5)

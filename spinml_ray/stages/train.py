@@ -4,7 +4,8 @@ A `TorchTrainer` runs `train_loop` on `training.num_workers` workers (DDP; GPUs 
 them). Every epoch reports metrics with a checkpoint to the request's `train_runs/`; the checkpoint
 with the best validation accuracy is kept. The model is then evaluated on the real test set when the
 request names one (else on the synthetic validation split, and the metrics say which), and
-`model/` receives `model.pt`, `metrics.json` and `settings.json`, committed by a manifest.
+`model/` receives `model.pt`, `model.onnx` and `model.torchscript.pt` (for the device), `metrics.json`
+and `settings.json`, committed by a manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from spinml_ray import storage
 from spinml_ray.spec import RequestSpec
+from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, to_onnx, to_torchscript
 from spinml_ray.training.classifier import (
     build_model,
     evaluate,
@@ -142,7 +144,10 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         "use_gpu": use_gpu,
     }
     storage.write_bytes(storage.join(paths.model, MODEL_FILE), weights)
+    storage.write_bytes(storage.join(paths.model, ONNX_FILE), to_onnx(model, training.image_size))
+    storage.write_bytes(storage.join(paths.model, TORCHSCRIPT_FILE), to_torchscript(model, training.image_size))
     storage.write_json(storage.join(paths.model, "metrics.json"), metrics)
     storage.write_json(storage.join(paths.model, "settings.json"), settings)
-    storage.commit(paths.model, [MODEL_FILE, "metrics.json", "settings.json"], architecture=training.architecture)
+    storage.commit(paths.model, [MODEL_FILE, ONNX_FILE, TORCHSCRIPT_FILE, "metrics.json", "settings.json"],
+                   architecture=training.architecture, image_size=training.image_size, labels=spec.label_names)
     return metrics
