@@ -133,6 +133,7 @@ class TrainingSpec(_Strict):
     learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0)
     image_size: int = Field(default=224, ge=16, le=1024)
     num_workers: int = Field(default=1, ge=1, le=1024)
+    gpu_fraction: float = Field(default=0.25, gt=0.0, le=1.0, description="GPU share per worker on GPU clusters")
 
 
 class RequestSpec(_Strict):

@@ -310,3 +310,24 @@ def test_bundle_sanitized_on_the_device_is_accepted(tmp_path, synthesis, http_po
     assert [r["payload_sha256"] for r in rows] == [r["payload_sha256"] for r in device_rows]
     synthetic = storage.read_committed_table(os.path.join(base, "synthetic")).to_pylist()
     assert {r["kind"] for r in synthetic} == {"img2img"} and len(synthetic) == 4
+
+
+def test_a_killed_training_worker_resumes_from_its_last_epoch(tmp_path, synthesis, http_port):
+    from spinml_ray.pipeline import request_paths
+    from spinml_ray.spec import load_request
+    from spinml_ray.stages.train import run_train
+
+    folder = tmp_path / "request"
+    request_uri = write_example(str(folder))
+    document = yaml.safe_load(open(request_uri))
+    document["training"]["epochs"] = 3
+    document["synthesis"]["images_per_label"] = 4
+    (folder / "request.yaml").write_text(yaml.safe_dump(document))
+    root = str(tmp_path / "out")
+    run(request_uri, root, http_port, stages=("sanitize", "synthesize"))
+    spec = load_request(request_uri)
+    paths = request_paths(spec, root)
+    metrics = run_train(spec, paths, fault_injection_epoch=1)
+    assert metrics["resumed_from_epoch"] == 1  # epoch 0 was checkpointed before the worker died in epoch 1
+    assert metrics["best_epoch"] in (0, 1, 2) and metrics["n"] == 8
+    assert not storage.exists(os.path.join(paths.train_runs, "_resume", "train_state.pt"))  # cleaned up when done

@@ -12,9 +12,6 @@ The adapter lands in `adapters/` (diffusers' LoRA layout + `adapter.json`), comm
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 import tempfile
 import time
@@ -25,6 +22,7 @@ import torch
 from spinml_ray import storage
 from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, LoraTrainer, target_crops
 from spinml_ray.spec import Level, RequestSpec
+from spinml_ray.stages.resume import latest_state, save_state, state_key
 from spinml_ray.synthesis.plan import image_seed
 from spinml_ray.synthesis.workitems import WorkItem
 
@@ -44,25 +42,7 @@ def _plain(module):
 
 def _settings_key(config: dict) -> str:
     """What a saved training state must match to be resumed: settings and inputs."""
-    digest = hashlib.sha256(json.dumps(config["settings"], sort_keys=True).encode())
-    for image in config["instance"] + config["class_images"]:
-        digest.update(hashlib.sha256(image).digest())
-    return digest.hexdigest()
-
-
-def _saved_state(config: dict, device: str) -> dict | None:
-    """The newest training state: Ray Train's checkpoint, else the copy in storage (a re-run job)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location=device, weights_only=False)
-    elif storage.exists(config["state_uri"]):
-        state = torch.load(io.BytesIO(storage.read_bytes(config["state_uri"])), map_location=device, weights_only=False)
-    else:
-        return None
-    return state if state.get("key") == _settings_key(config) else None
+    return state_key(config["settings"], *config["instance"], *config["class_images"])
 
 
 def personalize_loop(config: dict) -> None:
@@ -82,7 +62,7 @@ def personalize_loop(config: dict) -> None:
         trainer.unet = ray.train.torch.prepare_model(trainer.unet, move_to_device=False)
     optimizer = torch.optim.AdamW(trainer.trainable(), lr=settings["learning_rate"])
     initial_loss, resumed_from = None, 0
-    state = _saved_state(config, device)
+    state = latest_state(config["state_uri"], _settings_key(config), STATE_FILE, device)
     if state:
         original, trainer.unet = trainer.unet, _plain(trainer.unet)
         trainer.load_lora_state(state["lora"])
@@ -116,13 +96,9 @@ def personalize_loop(config: dict) -> None:
                     adapter_dir = os.path.join(tmp, "adapter")
                     trainer.save_adapter(adapter_dir)
                     storage.upload_dir(adapter_dir, config["out"])
-                buffer = io.BytesIO()
-                torch.save({"lora": trainer.lora_state(), "optimizer": optimizer.state_dict(), "step": trainer.step,
+                save_state({"lora": trainer.lora_state(), "optimizer": optimizer.state_dict(), "step": trainer.step,
                             "rng": trainer.rng.bit_generator.state, "generator": trainer.generator.get_state(),
-                            "initial_loss": initial_loss, "key": _settings_key(config)}, buffer)
-                with open(os.path.join(tmp, STATE_FILE), "wb") as handle:
-                    handle.write(buffer.getvalue())
-                storage.write_bytes(config["state_uri"], buffer.getvalue())  # survives a killed job too
+                            "initial_loss": initial_loss}, _settings_key(config), config["state_uri"], tmp, STATE_FILE)
                 trainer.unet = plain_unet
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=saved)

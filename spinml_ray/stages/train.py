@@ -19,6 +19,7 @@ import torch
 
 from spinml_ray import storage
 from spinml_ray.spec import RequestSpec
+from spinml_ray.stages.resume import latest_state, save_state, state_key
 from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, to_onnx, to_torchscript
 from spinml_ray.training.classifier import (
     build_model,
@@ -31,6 +32,7 @@ from spinml_ray.training.classifier import (
 )
 
 MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
 
 
 def _dataset(config: dict):
@@ -42,7 +44,7 @@ def _dataset(config: dict):
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train worker loop: train, validate, and report a checkpoint every epoch."""
+    """Ray Train worker loop: train, validate, report a checkpoint every epoch; resume when restarted."""
     import ray.train
     import ray.train.torch
 
@@ -56,22 +58,40 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     device = ray.train.torch.get_device()
     plain = model.module if hasattr(model, "module") else model
-    for epoch in range(config["epochs"]):
+    rank = ray.train.get_context().get_world_rank()
+    key = state_key({k: v for k, v in config.items() if k != "state_uri"})
+    state = latest_state(config["state_uri"], key, STATE_FILE, str(device))
+    first_epoch = 0
+    if state:
+        plain.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        first_epoch = state["epoch"] + 1
+    for epoch in range(first_epoch, config["epochs"]):
+        if config.get("fail_at_epoch") == epoch and rank == 0 and not os.path.exists(config["fail_once_marker"]):
+            open(config["fail_once_marker"], "w").close()
+            os._exit(1)  # fault injection: this worker dies as if killed
         loss = train_epoch(model, loader, optimizer, device)
         val = evaluate(plain, x_val, y_val, config["num_classes"])
-        metrics = {"epoch": epoch, "train_loss": loss, "val_accuracy": val["accuracy"] or 0.0}
+        metrics = {"epoch": epoch, "train_loss": loss, "val_accuracy": val["accuracy"] or 0.0,
+                   "resumed_from_epoch": first_epoch}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if ray.train.get_context().get_world_rank() == 0:
+            if rank == 0:
                 with open(os.path.join(tmp, MODEL_FILE), "wb") as handle:
                     handle.write(state_dict_bytes(plain))
+                save_state({"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                           key, config["state_uri"], tmp, STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | None = None) -> dict:
-    """Train, evaluate and write `model/`; returns the metrics written to `model/metrics.json`."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | None = None,
+              fault_injection_epoch: int | None = None) -> dict:
+    """Train, evaluate and write `model/`; returns the metrics written to `model/metrics.json`.
+
+    On GPU clusters each worker asks for `training.gpu_fraction` of a GPU, so several requests' small
+    models share a card. `fault_injection_epoch` kills rank 0's worker once (for resilience tests)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from spinml_ray.cluster import cluster_has_gpus
@@ -91,14 +111,21 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         "epochs": training.epochs,
         "val_fraction": 0.1,
         "seed": spec.synthesis.seed,
+        "state_uri": storage.join(paths.train_runs, "_resume", STATE_FILE),
     }
+    if fault_injection_epoch is not None:
+        marker = os.path.join(tempfile.gettempdir(), f"spinml-train-fail-{spec.tenant}-{spec.request_id}")
+        if os.path.exists(marker):
+            os.remove(marker)
+        config.update(fail_at_epoch=fault_injection_epoch, fail_once_marker=marker)
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     fs, runs_path = storage.filesystem(paths.train_runs)
     started = time.time()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"GPU": training.gpu_fraction} if use_gpu else None),
         run_config=RunConfig(
             name=f"{spec.request_id}-{int(started)}",
             storage_path=runs_path,
@@ -106,6 +133,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"
             ),
+            failure_config=FailureConfig(max_failures=3),
         ),
     )
     try:
@@ -134,6 +162,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         **evaluation,
         "best_epoch": best_metrics.get("epoch"),
         "best_val_accuracy": best_metrics.get("val_accuracy"),
+        "resumed_from_epoch": (result.metrics or {}).get("resumed_from_epoch", 0),
         "train_seconds": round(time.time() - started, 2),
     }
     settings = {
@@ -150,4 +179,5 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
     storage.write_json(storage.join(paths.model, "settings.json"), settings)
     storage.commit(paths.model, [MODEL_FILE, ONNX_FILE, TORCHSCRIPT_FILE, "metrics.json", "settings.json"],
                    architecture=training.architecture, image_size=training.image_size, labels=spec.label_names)
+    storage.delete(config["state_uri"])  # complete: a later run starts afresh
     return metrics
