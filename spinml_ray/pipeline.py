@@ -55,5 +55,5 @@ def run_request(
                 serve.delete(APP_NAME)
     if "train" in stages:
         started = time.time()
-        summary["train"] = {**run_train(spec, paths), "seconds": round(time.time() - started, 2)}
+        summary["train"] = {**run_train(spec, paths, model=model), "seconds": round(time.time() - started, 2)}
     return summary

@@ -94,3 +94,28 @@ def test_exported_models_match_pytorch(arch):
     scripted = torch.jit.load(io.BytesIO(to_torchscript(model, 64)))
     with torch.no_grad():
         assert np.allclose(scripted(batch).numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+def test_pretrained_backbone_from_the_model_source(tmp_path, arch):
+    import shutil
+
+    from spinml_ray.models.source import resolve
+    from spinml_ray.training.classifier import HEADS, pretrained_weights
+
+    torch.manual_seed(3)
+    imagenet = build_model(arch, 1000)
+    source = shutil.copytree(resolve("tiny"), tmp_path / "source")
+    assert pretrained_weights(str(source), arch) is None  # the tiny preset ships none: random init
+    (source / "classifiers").mkdir()
+    torch.save(imagenet.state_dict(), source / "classifiers" / f"{arch}.pth")
+    path = pretrained_weights(str(source), arch)
+    model = build_model(arch, 4, path)
+    for name, value in model.state_dict().items():
+        if name.startswith(HEADS[arch]):
+            assert value.shape[0] == 4  # a fresh 4-way head
+        else:
+            assert torch.equal(value, imagenet.state_dict()[name])
+    torch.save({"unrelated.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a torchvision"):
+        build_model(arch, 4, str(tmp_path / "bad.pth"))

@@ -24,6 +24,7 @@ from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, to_onnx, to_
 from spinml_ray.training.classifier import (
     build_model,
     evaluate,
+    pretrained_weights,
     images_to_uint8,
     load_image_folder,
     split_train_val,
@@ -50,7 +51,8 @@ def train_loop(config: dict) -> None:
 
     torch.manual_seed(config["seed"])
     x_train, y_train, x_val, y_val = _dataset(config)
-    model = ray.train.torch.prepare_model(build_model(config["architecture"], config["num_classes"]))
+    pretrained = pretrained_weights(config["model"], config["architecture"])
+    model = ray.train.torch.prepare_model(build_model(config["architecture"], config["num_classes"], pretrained))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x_train, y_train), batch_size=config["batch_size"], shuffle=True
     )
@@ -86,7 +88,7 @@ def train_loop(config: dict) -> None:
 
 
 def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | None = None,
-              fault_injection_epoch: int | None = None) -> dict:
+              fault_injection_epoch: int | None = None, model: str = "tiny") -> dict:
     """Train, evaluate and write `model/`; returns the metrics written to `model/metrics.json`.
 
     On GPU clusters each worker asks for `training.gpu_fraction` of a GPU, so several requests' small
@@ -103,6 +105,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
     training = spec.training
     config = {
         "synthetic": paths.synthetic,
+        "model": model,
         "architecture": training.architecture,
         "num_classes": len(spec.labels),
         "image_size": training.image_size,

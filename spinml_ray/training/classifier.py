@@ -6,6 +6,7 @@ Plain PyTorch, no Ray: `stages/train.py` runs these inside Ray Train workers.
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import torch
@@ -20,13 +21,36 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def build_model(architecture: str, num_classes: int) -> torch.nn.Module:
-    """A torchvision classifier with a fresh `num_classes`-way head (random init)."""
+HEADS = {"mobilenet_v2": "classifier.1.", "resnet18": "fc."}
+
+
+def build_model(architecture: str, num_classes: int, pretrained: str | None = None) -> torch.nn.Module:
+    """A torchvision classifier with a fresh `num_classes`-way head.
+
+    `pretrained`: a torchvision state dict file (e.g. ImageNet weights) whose backbone is loaded; its
+    classification head is dropped. Without it the whole model starts from random weights."""
     if architecture == "mobilenet_v2":
-        return torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
-    if architecture == "resnet18":
-        return torchvision.models.resnet18(weights=None, num_classes=num_classes)
-    raise ValueError(f"architecture {architecture!r} is not supported (mobilenet_v2, resnet18)")
+        model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
+    elif architecture == "resnet18":
+        model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    else:
+        raise ValueError(f"architecture {architecture!r} is not supported (mobilenet_v2, resnet18)")
+    if pretrained:
+        state = torch.load(pretrained, map_location="cpu")
+        backbone = {k: v for k, v in state.items() if not k.startswith(HEADS[architecture])}
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+        if unexpected or any(not k.startswith(HEADS[architecture]) for k in missing):
+            raise ValueError(f"{pretrained}: not a torchvision {architecture} state dict")
+    return model
+
+
+def pretrained_weights(model_source: str, architecture: str) -> str | None:
+    """`{model source}/classifiers/{architecture}.pth` when the source ships it, else None."""
+    from spinml_ray.models.source import resolve_part
+
+    folder = resolve_part(model_source, "classifiers")
+    path = os.path.join(folder, f"{architecture}.pth") if folder else None
+    return path if path and os.path.exists(path) else None
 
 
 def images_to_uint8(images: list[bytes], size: int) -> torch.Tensor:
