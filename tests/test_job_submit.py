@@ -31,7 +31,10 @@ def head_node():
     process = subprocess.Popen(
         [f"{BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+         # Own agent and metrics ports: the session's other local Ray may hold the defaults.
+         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
     address = f"http://127.0.0.1:{dashboard}"
