@@ -17,7 +17,16 @@ if (exec 3<>"/dev/tcp/127.0.0.1/$RAY_PORT") 2>/dev/null; then
   echo "demo: something (a Ray cluster?) already listens on 127.0.0.1:$RAY_PORT; stop it or set RAY_PORT/RAY_DASHBOARD_PORT" >&2
   exit 1
 fi
-bash cluster/start-local.sh >/dev/null
+# The dashboard agent and metrics get free ports, so the demo runs beside another local Ray.
+read -r agent_port metrics_port < <(python - <<'PY'
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+PY
+)
+bash cluster/start-local.sh --dashboard-agent-listen-port="$agent_port" --metrics-export-port="$metrics_port" >/dev/null
 trap 'bash cluster/stop-local.sh >/dev/null 2>&1 || true' EXIT
 
 ray job submit --address "http://127.0.0.1:$RAY_DASHBOARD_PORT" --working-dir . \

@@ -1,14 +1,13 @@
-"""One SpinML request end to end: sanitize (Ray Data) -> synthesize (Ray Serve) -> train (Ray Train)."""
+"""One SpinML request end to end: sanitize (Ray Data) -> personalize (Ray Train, L2 targets) ->
+synthesize (Ray Serve) -> train (Ray Train)."""
 
 from __future__ import annotations
 
-import logging
 import time
 
 from spinml_ray import storage
 from spinml_ray.spec import RequestSpec, load_request
 
-log = logging.getLogger(__name__)
 STAGES = ("sanitize", "personalize", "synthesize", "train")
 
 

@@ -14,6 +14,7 @@
 import asyncio
 import logging
 import os
+import threading
 from typing import Optional
 
 from fastapi import FastAPI, Header, HTTPException
@@ -31,6 +32,7 @@ from spinml_ray.synthesis.workitems import GeneratedImage, WorkItem
 log = logging.getLogger(__name__)
 
 APP_NAME = "spinml-synthesis"
+_DEPLOY_LOCK = threading.Lock()
 ROUTE_PREFIX = "/spinml"
 api = FastAPI(title="spinml synthesis")
 
@@ -207,18 +209,19 @@ def build_app(model: str = "tiny", controlnet: Optional[str] = None, storage_roo
 
 def ensure_running(model: str = "tiny", controlnet: Optional[str] = None, http_host: str = "127.0.0.1",
                    http_port: int = 8000, **app_options):
-    """(diffusion handle, started): reuse the running synthesis app, or deploy one (started=True)."""
+    """(diffusion handle, started): reuse the running synthesis app, or deploy one (started=True).
+
+    Serialised within the process, so concurrent requests of a batch job never deploy it twice."""
     from spinml_ray.cluster import cluster_has_gpus
 
-    try:
-        status = serve.status().applications.get(APP_NAME)
-    except Exception:
-        status = None
-    if status is None or not str(status.status).endswith("RUNNING"):
-        serve.start(http_options={"host": http_host, "port": http_port})
-        app_options.setdefault("gpus_per_replica", 1 if cluster_has_gpus() else 0)
-        serve.run(build_app(model, controlnet, **app_options), name=APP_NAME, route_prefix=ROUTE_PREFIX)
-        started = True
-    else:
-        started = False
+    with _DEPLOY_LOCK:
+        try:
+            status = serve.status().applications.get(APP_NAME)
+        except Exception:
+            status = None
+        started = status is None or not str(status.status).endswith("RUNNING")
+        if started:
+            serve.start(http_options={"host": http_host, "port": http_port})
+            app_options.setdefault("gpus_per_replica", 1 if cluster_has_gpus() else 0)
+            serve.run(build_app(model, controlnet, **app_options), name=APP_NAME, route_prefix=ROUTE_PREFIX)
     return serve.get_deployment_handle("DiffusionDeployment", app_name=APP_NAME), started
