@@ -45,4 +45,4 @@ echo
 echo "Demo finished. Results: $result"
 echo "  sanitized/  what left each reference, per object and level (Parquet, with MI)"
 echo "  synthetic/  generated images with prompts and seeds (Parquet)"
-echo "  model/      model.pt, metrics.json, settings.json"
+echo "  model/      model.pt, model.onnx, model.torchscript.pt, metrics.json, settings.json"
