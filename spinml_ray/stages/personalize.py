@@ -22,7 +22,7 @@ import torch
 from spinml_ray import storage
 from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, LoraTrainer, target_crops
 from spinml_ray.spec import Level, RequestSpec
-from spinml_ray.stages.resume import latest_state, save_state, state_key
+from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key
 from spinml_ray.synthesis.plan import image_seed
 from spinml_ray.synthesis.workitems import WorkItem
 
@@ -74,13 +74,10 @@ def personalize_loop(config: dict) -> None:
         initial_loss = state["initial_loss"]
     if initial_loss is None:
         initial_loss = trainer.fixed_loss()
-    marker = config.get("fail_once_marker")
     loss = float("nan")
     started, first_step = time.perf_counter(), trainer.step
     while trainer.step < settings["steps"]:
-        if marker and rank == 0 and trainer.step == config["fail_at_step"] and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)  # fault injection: this worker dies as if killed
+        die_if_armed(config, trainer.step, rank)
         loss = trainer.train_step(optimizer)
         last = trainer.step == settings["steps"]
         if trainer.step % settings["checkpoint_every"] and not last:
@@ -152,11 +149,7 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
     state_uri = storage.join(paths.adapters, "_resume", STATE_FILE)
     config = {"model": model, "settings": settings, "instance": crops, "class_images": prior, "out": paths.adapters,
               "state_uri": state_uri}
-    if fault_injection_step is not None:
-        marker = os.path.join(tempfile.gettempdir(), f"spinml-fail-{spec.tenant}-{spec.request_id}")
-        if os.path.exists(marker):
-            os.remove(marker)
-        config.update(fail_at_step=fault_injection_step, fail_once_marker=marker)
+    arm_fault(config, f"lora-{spec.tenant}-{spec.request_id}", fault_injection_step)
     trainer = TorchTrainer(
         personalize_loop,
         train_loop_config=config,

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 
 import torch
 
@@ -48,3 +49,21 @@ def save_state(state: dict, key: str, state_uri: str, directory: str, filename: 
     with open(os.path.join(directory, filename), "wb") as handle:
         handle.write(buffer.getvalue())
     storage.write_bytes(state_uri, buffer.getvalue())
+
+
+def arm_fault(config: dict, name: str, at: int | None) -> None:
+    """Fault injection for resilience tests: rank 0 will die once when training reaches `at`."""
+    if at is None:
+        return
+    marker = os.path.join(tempfile.gettempdir(), f"spinml-fault-{name}")
+    if os.path.exists(marker):
+        os.remove(marker)
+    config.update(fault_at=at, fault_marker=marker)
+
+
+def die_if_armed(config: dict, position: int, rank: int) -> None:
+    """Kill this worker process (as if killed) the first time an armed fault's position is reached."""
+    marker = config.get("fault_marker")
+    if marker and rank == 0 and position == config["fault_at"] and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)

@@ -19,7 +19,7 @@ import torch
 
 from spinml_ray import storage
 from spinml_ray.spec import RequestSpec
-from spinml_ray.stages.resume import latest_state, save_state, state_key
+from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key
 from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, to_onnx, to_torchscript
 from spinml_ray.training.classifier import (
     build_model,
@@ -69,9 +69,7 @@ def train_loop(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         first_epoch = state["epoch"] + 1
     for epoch in range(first_epoch, config["epochs"]):
-        if config.get("fail_at_epoch") == epoch and rank == 0 and not os.path.exists(config["fail_once_marker"]):
-            open(config["fail_once_marker"], "w").close()
-            os._exit(1)  # fault injection: this worker dies as if killed
+        die_if_armed(config, epoch, rank)
         loss = train_epoch(model, loader, optimizer, device)
         val = evaluate(plain, x_val, y_val, config["num_classes"])
         metrics = {"epoch": epoch, "train_loss": loss, "val_accuracy": val["accuracy"] or 0.0,
@@ -116,11 +114,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         "seed": spec.synthesis.seed,
         "state_uri": storage.join(paths.train_runs, "_resume", STATE_FILE),
     }
-    if fault_injection_epoch is not None:
-        marker = os.path.join(tempfile.gettempdir(), f"spinml-train-fail-{spec.tenant}-{spec.request_id}")
-        if os.path.exists(marker):
-            os.remove(marker)
-        config.update(fail_at_epoch=fault_injection_epoch, fail_once_marker=marker)
+    arm_fault(config, f"train-{spec.tenant}-{spec.request_id}", fault_injection_epoch)
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     fs, runs_path = storage.filesystem(paths.train_runs)
     started = time.time()
