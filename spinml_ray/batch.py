@@ -50,9 +50,15 @@ def _complete(spec, paths: storage.RequestPaths, stage: str) -> bool:
     return storage.read_manifest(directory) is not None
 
 
+def training_cpus(cluster_cpus: float, concurrent: int, reserved: float = 0) -> int:
+    """CPUs (and threads) for each training worker when `concurrent` trainings share the cluster's
+    CPUs, less `reserved` ones (the synthesis replica's): a lone training gets the whole machine."""
+    return max(1, int((cluster_cpus - reserved) // max(1, concurrent)))
+
+
 class BatchRun:
-    def __init__(self, storage_root: str, model: str, http_port: int):
-        self.root, self.model, self.http_port = storage_root, model, http_port
+    def __init__(self, storage_root: str, model: str, http_port: int, train_cpus: int = 1):
+        self.root, self.model, self.http_port, self.train_cpus = storage_root, model, http_port, train_cpus
         self.lock = threading.Lock()
         self.rows: dict[str, dict] = {}
 
@@ -85,7 +91,7 @@ class BatchRun:
             started = time.time()
             try:
                 run_request(uri, self.root, model=self.model, stages=(stage,), keep_serving=True,
-                            http_port=self.http_port)
+                            http_port=self.http_port, train_cpus=self.train_cpus)
             except Exception as exc:
                 self._update(uri, paths, stage=stage, state="failed", seconds=round(time.time() - started, 2),
                              error=str(exc))
@@ -100,12 +106,15 @@ def run_batch(requests: list[str], storage_root: str, model: str = "tiny", max_c
     """Run every request; returns (and stores) the summary rows."""
     import ray
 
+    from spinml_ray.cluster import cluster_has_gpus
     from spinml_ray.synthesis.service import ensure_running
 
     ensure_running(model, http_port=http_port, storage_root=storage_root)
+    cpus = ray.cluster_resources().get("CPU", 2)
     if max_concurrent is None:  # default: about one request per two CPUs of the cluster
-        max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)
-    batch = BatchRun(storage_root, model, http_port)
+        max_concurrent = max(1, int(cpus) // 2)
+    serving = 0 if cluster_has_gpus() else 1  # the synthesis replica holds a CPU on CPU-only clusters
+    batch = BatchRun(storage_root, model, http_port, training_cpus(cpus, min(max_concurrent, len(requests)), serving))
     with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="request") as pool:
         list(pool.map(batch.run_one, requests))
     summary = [batch.rows[uri] for uri in requests]

@@ -3,16 +3,21 @@
 The subject is a yellow "rubber duck" (two ellipses) in one of two states, each with its own kind of
 surrounding: `floating` on wavy water or `resting` on a wooden shelf. `write_example` writes a
 complete request: reference images with masks (one JPEG carries EXIF orientation and GPS tags, to
-exercise metadata stripping), a held-out test set with one folder per label, and `request.yaml`.
+exercise metadata stripping), a held-out test set with one folder per label and the ducks' boxes
+(`test_set/boxes.json`), `request.yaml` (classify the duck's state) and `detection.yaml` (find the
+duck and tell its state, with boxes).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import yaml
 from PIL import Image
+
+from spinml_ray.images import box_of_mask
 
 LABELS = {"floating": "floating in water", "resting": "resting on a wooden shelf"}
 GPS_IFD = 0x8825
@@ -75,12 +80,16 @@ def write_example(out_dir: str, references_per_label: int = 2, test_per_label: i
                 Image.fromarray(image).save(os.path.join(out_dir, ref_name))
             Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_dir, f"masks/{name}.png"))
             references.append({"uri": ref_name, "label": label, "mask_uri": f"masks/{name}.png"})
+    boxes = {}
     for li, label in enumerate(LABELS):
         folder = os.path.join(out_dir, "test_set", label)
         os.makedirs(folder, exist_ok=True)
         for k in range(test_per_label):
-            image, _ = make_scene(label, seed * 1000 + 50_000 + li * 100 + k)
+            image, mask = make_scene(label, seed * 1000 + 50_000 + li * 100 + k)
             Image.fromarray(image).save(os.path.join(folder, f"{k}.png"))
+            boxes[f"{label}/{k}.png"] = [box_of_mask(mask)]
+    with open(os.path.join(out_dir, "test_set", "boxes.json"), "w") as handle:
+        handle.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in boxes.items()) + "\n}\n")
     request = {
         "request_id": "example-duck",
         "tenant": "demo",
@@ -93,10 +102,19 @@ def write_example(out_dir: str, references_per_label: int = 2, test_per_label: i
         "training": {"architecture": "mobilenet_v2", "epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "image_size": 64},
         "test_set": "test_set",
     }
-    path = os.path.join(out_dir, "request.yaml")
-    with open(path, "w") as handle:
-        handle.write("# Example SpinML request, written by `spinml example` (procedural scenes, exact masks).\n")
-        yaml.safe_dump(request, handle, sort_keys=False)
+    detection = {
+        **request,
+        "request_id": "example-duck-detection",
+        "task": "detection",
+        "privacy": {"target": "L2", "background": "L0", "alpha": 0.25},
+        "personalization": {"enabled": False},
+        "training": {**request["training"], "architecture": "ssdlite320_mobilenet_v3_large", "batch_size": 4},
+    }
+    for name, document in (("detection.yaml", detection), ("request.yaml", request)):
+        path = os.path.join(out_dir, name)
+        with open(path, "w") as handle:
+            handle.write("# Example SpinML request, written by `spinml example` (procedural scenes, exact masks).\n")
+            yaml.safe_dump(document, handle, sort_keys=False)
     return path
 
 

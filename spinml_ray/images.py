@@ -85,3 +85,11 @@ def decode_untrusted_png(data: bytes, what: str) -> np.ndarray:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def box_of_mask(mask: np.ndarray) -> list[float] | None:
+    """x0, y0, x1, y1 (pixel edges) of a mask's nonzero pixels; None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]

@@ -24,6 +24,7 @@ def run_request(
     stages: tuple[str, ...] = STAGES,
     keep_serving: bool = False,
     http_port: int = 8000,
+    train_cpus: int = 1,
 ) -> dict:
     """Run `stages` of one request on the connected Ray cluster; returns a summary per stage."""
     from ray import serve
@@ -54,5 +55,5 @@ def run_request(
                 serve.delete(APP_NAME)
     if "train" in stages:
         started = time.time()
-        summary["train"] = {**run_train(spec, paths, model=model), "seconds": round(time.time() - started, 2)}
+        summary["train"] = {**run_train(spec, paths, model=model, cpus_per_worker=train_cpus), "seconds": round(time.time() - started, 2)}
     return summary

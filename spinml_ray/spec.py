@@ -126,8 +126,15 @@ class PersonalizationSpec(_Strict):
     seed: int = Field(default=0, ge=0)
 
 
+CLASSIFIERS = ("mobilenet_v2", "resnet18")
+DETECTORS = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn")
+DEFAULT_ARCHITECTURE = {"classification": "mobilenet_v2", "detection": "ssdlite320_mobilenet_v3_large"}
+
+
 class TrainingSpec(_Strict):
-    architecture: Literal["mobilenet_v2", "resnet18"] = "mobilenet_v2"
+    architecture: Literal["mobilenet_v2", "resnet18", "ssdlite320_mobilenet_v3_large",
+                          "fasterrcnn_mobilenet_v3_large_320_fpn"] = Field(
+        default="mobilenet_v2", description="default: mobilenet_v2 (classification), ssdlite320_mobilenet_v3_large (detection)")
     epochs: int = Field(default=5, ge=1, le=1000)
     batch_size: int = Field(default=128, ge=1, le=8192)
     learning_rate: float = Field(default=1e-3, gt=0.0, le=10.0)
@@ -141,7 +148,7 @@ class RequestSpec(_Strict):
     tenant: str
     task: Literal["classification", "detection"] = "classification"
     subject: str = Field(min_length=1, max_length=200, description="the subject noun, e.g. 'husky dog'")
-    labels: list[LabelSpec] = Field(min_length=2)
+    labels: list[LabelSpec] = Field(min_length=1, description="classes: at least 2 to classify, 1 or more to detect")
     references: list[ReferenceSpec] = Field(default_factory=list)
     bundle: str | None = Field(default=None, description="URI of a sanitized bundle made on the device")
     privacy: PrivacySpec = PrivacySpec()
@@ -149,7 +156,8 @@ class RequestSpec(_Strict):
     synthesis: SynthesisSpec = SynthesisSpec()
     personalization: PersonalizationSpec = PersonalizationSpec()
     training: TrainingSpec = TrainingSpec()
-    test_set: str | None = Field(default=None, description="URI of a folder with one subfolder per label")
+    test_set: str | None = Field(default=None, description="URI of a folder with one subfolder per label (and, to "
+                                 "detect, a boxes.json: {'label/file.png': [[x0, y0, x1, y1], ...]})")
     min_references: int = Field(default=1, ge=1)
 
     @field_validator("request_id", "tenant")
@@ -159,10 +167,25 @@ class RequestSpec(_Strict):
             raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_architecture(cls, document):
+        """The architecture defaults by task (a detector for detection)."""
+        if isinstance(document, dict) and document.get("task") in DEFAULT_ARCHITECTURE:
+            training = document.get("training")
+            if training is None or (isinstance(training, dict) and "architecture" not in training):
+                training = {**(training or {}), "architecture": DEFAULT_ARCHITECTURE[document["task"]]}
+                document = {**document, "training": training}
+        return document
+
     @model_validator(mode="after")
     def _consistent(self):
-        if self.task != "classification":
-            raise ValueError(f"task {self.task!r} is not supported yet; use 'classification'")
+        allowed = CLASSIFIERS if self.task == "classification" else DETECTORS
+        if self.training.architecture not in allowed:
+            raise ValueError(f"training.architecture: {self.training.architecture!r} cannot do {self.task}; "
+                             f"use one of {list(allowed)}")
+        if self.task == "classification" and len(self.labels) < 2:
+            raise ValueError(f"labels: classification needs at least 2 labels, got {[x.name for x in self.labels]}")
         names = [label.name for label in self.labels]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -45,7 +45,7 @@ def test_a_manifest_of_mixed_requests_and_its_rerun(tmp_path, synthesis, http_po
     assert requests == [good, with_broken, impossible]
     root = str(tmp_path / "out")
 
-    summary = run_batch(requests, root, max_concurrent=1, name="first", http_port=http_port)
+    summary = run_batch(requests, root, max_concurrent=2, name="first", http_port=http_port)
     states = {row["request"]: row for row in summary}
     assert states[good]["state"] == "done" and states[with_broken]["state"] == "done", summary
     assert states[impossible]["state"] == "failed" and "resolution" in states[impossible]["error"]

@@ -331,3 +331,46 @@ def test_a_killed_training_worker_resumes_from_its_last_epoch(tmp_path, synthesi
     assert metrics["resumed_from_epoch"] == 1  # epoch 0 was checkpointed before the worker died in epoch 1
     assert metrics["best_epoch"] in (0, 1, 2) and metrics["n"] == 8
     assert not storage.exists(os.path.join(paths.train_runs, "_resume", "train_state.pt"))  # cleaned up when done
+
+
+def test_an_out_of_memory_training_fails_alone_with_a_clear_error(tmp_path, synthesis, http_port):
+    """Two requests train side by side; one runs out of memory (a real allocator refusal in its worker).
+    It fails with an error that says so and what to change; the other delivers its model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spinml_ray.pipeline import request_paths
+    from spinml_ray.spec import load_request
+    from spinml_ray.stages import StageError
+    from spinml_ray.stages.train import run_train
+
+    folder = tmp_path / "request"
+    request_uri = write_example(str(folder))
+    document = yaml.safe_load(open(request_uri))
+    document["synthesis"]["images_per_label"] = 2
+    document["training"]["epochs"] = 1
+    root = str(tmp_path / "out")
+    jobs = []
+    for request_id in ("fits", "too-big"):
+        path = folder / f"{request_id}.yaml"
+        path.write_text(yaml.safe_dump({**document, "request_id": request_id}))
+        run(str(path), root, http_port, stages=("sanitize", "synthesize"))
+        spec = load_request(str(path))
+        jobs.append((spec, request_paths(spec, root)))
+
+    def train(job):
+        spec, paths = job
+        try:
+            return run_train(spec, paths, fault_injection_epoch=0 if spec.request_id == "too-big" else None,
+                             fault_kind="oom")
+        except StageError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        fits, too_big = pool.map(train, jobs)
+    assert isinstance(too_big, StageError), too_big
+    message = str(too_big)
+    assert "too-big" in message and "ran out of memory" in message and "training.batch_size" in message
+    assert "can't allocate memory" in message  # the allocator's own words, last line of the worker's error
+    assert storage.read_manifest(jobs[1][1].model) is None  # nothing delivered for it
+    assert isinstance(fits, dict) and fits["n"] == 8
+    assert storage.read_manifest(jobs[0][1].model) is not None

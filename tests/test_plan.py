@@ -14,7 +14,7 @@ from spinml_ray.examples import LABELS, make_scene
 from spinml_ray.images import decode_png
 from spinml_ray.sanitizer import sanitize_image
 from spinml_ray.spec import Level, parse_request
-from spinml_ray.synthesis.plan import L0_L0, image_seed, plan_work_items
+from spinml_ray.synthesis.plan import L0_L0, geometry_box, image_seed, index_bundle, plan_work_items
 from spinml_ray.synthesis.prompts import SETTINGS, build_prompt
 from spinml_ray.synthesis.workitems import WorkItem
 
@@ -306,3 +306,23 @@ def test_planned_items_survive_json(scenes):
     for item in plan(scenes, "L1", "L2", n=2):
         back = WorkItem.model_validate_json(item.model_dump_json())
         assert back == item and back.kind == item.kind == "controlnet_inpaint"
+
+
+# ---------------------------------------------------------------- boxes from the conditioning's geometry
+
+
+@pytest.mark.parametrize("target, background", list(itertools.product(LEVELS, LEVELS)))
+def test_geometry_box_is_the_target_box_where_the_conditioning_places_it(scenes, target, background):
+    by_ref = index_bundle(sanitized_rows(scenes, target, background))
+    size = 80  # not the scenes' size: the box is scaled to the generated frame
+    for ref_id, rows in by_ref.items():
+        box = geometry_box(rows["target"], rows["background"], size)
+        if target == "L0" and background != "L2":
+            assert box is None  # nothing released fixes where the target is
+            continue
+        mask = scenes[ref_id][1]
+        ys, xs = np.nonzero(mask)
+        h, w = mask.shape
+        truth = np.array([xs.min() * size / w, ys.min() * size / h, (xs.max() + 1) * size / w, (ys.max() + 1) * size / h])
+        tolerance = 2.5 if target == "L1" else 1e-6  # edges sit on, or a pixel inside, the silhouette
+        assert np.abs(np.array(box) - truth).max() <= tolerance, (target, background, box, truth)

@@ -119,3 +119,23 @@ def test_pretrained_backbone_from_the_model_source(tmp_path, arch):
     torch.save({"unrelated.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not a torchvision"):
         build_model(arch, 4, str(tmp_path / "bad.pth"))
+
+
+def test_training_cpus_share_the_cluster_among_concurrent_trainings():
+    from spinml_ray.batch import training_cpus
+
+    assert training_cpus(2, 1) == 2  # a lone training gets the whole machine
+    assert training_cpus(2, 2) == 1 and training_cpus(2, 16) == 1  # never below one CPU
+    assert training_cpus(16, 4, reserved=1) == 3
+    assert training_cpus(2, 1, reserved=1) == 1
+
+
+def test_out_of_memory_errors_are_recognised_through_wrapping():
+    from spinml_ray.stages.resume import IMPOSSIBLE_BYTES, is_out_of_memory
+
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8)  # what the injected fault does in a worker
+    assert is_out_of_memory(info.value)
+    assert is_out_of_memory(RuntimeError(f"Training failed due to worker errors:\n{info.value}"))
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(ValueError("resolution must be a multiple of 8"))

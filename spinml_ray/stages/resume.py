@@ -51,19 +51,33 @@ def save_state(state: dict, key: str, state_uri: str, directory: str, filename: 
     storage.write_bytes(state_uri, buffer.getvalue())
 
 
-def arm_fault(config: dict, name: str, at: int | None) -> None:
-    """Fault injection for resilience tests: rank 0 will die once when training reaches `at`."""
+IMPOSSIBLE_BYTES = 1 << 50  # 1 PiB: more than any machine has, so the allocator refuses it
+
+
+def arm_fault(config: dict, name: str, at: int | None, kind: str = "kill") -> None:
+    """Fault injection for resilience tests: when training reaches `at`, rank 0 dies once ("kill"),
+    or every time asks the allocator for more memory than exists ("oom": the real out-of-memory error)."""
     if at is None:
         return
     marker = os.path.join(tempfile.gettempdir(), f"spinml-fault-{name}")
     if os.path.exists(marker):
         os.remove(marker)
-    config.update(fault_at=at, fault_marker=marker)
+    config.update(fault_at=at, fault_marker=marker, fault_kind=kind)
 
 
 def die_if_armed(config: dict, position: int, rank: int) -> None:
-    """Kill this worker process (as if killed) the first time an armed fault's position is reached."""
+    """Apply an armed fault (see `arm_fault`) when its position is reached."""
     marker = config.get("fault_marker")
-    if marker and rank == 0 and position == config["fault_at"] and not os.path.exists(marker):
+    if not marker or rank != 0 or position != config["fault_at"]:
+        return
+    if config["fault_kind"] == "oom":
+        torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8)
+    elif not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(1)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps, as Ray's errors quote the worker's) is an out-of-memory error."""
+    text = f"{type(error).__name__}: {error}"
+    return any(sign in text for sign in ("OutOfMemoryError", "out of memory", "can't allocate memory"))

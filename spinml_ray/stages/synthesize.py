@@ -3,7 +3,8 @@
 The job reads only the sanitized bundle, plans the work items (`synthesis/plan.py`), sends them
 through a deployment handle with a bounded number in flight, and writes `synthetic/` in Parquet
 parts committed by a manifest. Each row records the prompt, seed and settings that regenerate it,
-and the digest of the conditioning sent next to the digest the deployment says it received.
+the digest of the conditioning sent next to the digest the deployment says it received, and the
+target's box where the conditioning's geometry fixes it (`plan.geometry_box`; detection trains on it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from spinml_ray import storage
 from spinml_ray.images import digest
 from spinml_ray.spec import RequestSpec
 from spinml_ray.stages import StageError
-from spinml_ray.synthesis.plan import plan_work_items
+from spinml_ray.synthesis.plan import geometry_box, index_bundle, plan_work_items
 from spinml_ray.synthesis.service import submit
 from spinml_ray.synthesis.workitems import WorkItem
 
@@ -37,6 +38,7 @@ SYNTHETIC_SCHEMA = pa.schema(
         ("source_ref", pa.string()),
         ("condition_sha256", pa.string()),
         ("received_sha256", pa.string()),
+        ("box", pa.list_(pa.float64(), 4)),
         ("image", pa.binary()),
     ]
 )
@@ -54,6 +56,9 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
     sanitized = storage.read_committed_table(paths.sanitized).to_pylist()
     adapter, token = adapter_for(paths)
     items = plan_work_items(spec, sanitized, adapter, token)
+    by_ref = index_bundle(sanitized)
+    boxes = {ref: geometry_box(rows["target"], rows["background"], spec.synthesis.resolution)
+             for ref, rows in by_ref.items()}
     label_index = {name: i for i, name in enumerate(spec.label_names)}
     rows, parts, failures = [], [], []
 
@@ -84,6 +89,7 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
                     "kind": generated.kind,
                     "condition_sha256": sent,
                     "received_sha256": generated.received_sha256,
+                    "box": boxes.get(item.source_ref) if item.source_ref else None,
                     "image": generated.image,
                 }
             )

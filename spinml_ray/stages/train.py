@@ -1,11 +1,14 @@
-"""Stage 3 (Ray Train): train the specialized classifier on `synthetic/` only, then evaluate it.
+"""Stage 3 (Ray Train): train the specialized model on `synthetic/` only, then evaluate it.
 
-A `TorchTrainer` runs `train_loop` on `training.num_workers` workers (DDP; GPUs when the cluster has
-them). Every epoch reports metrics with a checkpoint to the request's `train_runs/`; the checkpoint
-with the best validation accuracy is kept. The model is then evaluated on the real test set when the
-request names one (else on the synthetic validation split, and the metrics say which), and
-`model/` receives `model.pt`, `model.onnx` and `model.torchscript.pt` (for the device), `metrics.json`
-and `settings.json`, committed by a manifest.
+Classification trains a classifier (`training/classifier.py`); detection a detector
+(`training/detector.py`) on the images that have a trustworthy box (`autolabel.py`, run first as a
+Ray task; the left-out images are counted in the metrics). A `TorchTrainer` runs `train_loop` on
+`training.num_workers` workers (DDP; GPUs when the cluster has them). Every epoch reports metrics
+with a checkpoint to the request's `train_runs/`; the checkpoint with the best validation score
+(accuracy, or mAP50-95) is kept. The model is then evaluated on the real test set when the request
+names one (else on the synthetic validation split, and the metrics say which), and `model/`
+receives `model.pt`, `model.onnx` and `model.torchscript.pt` (for the device), `metrics.json` and
+`settings.json`, committed by a manifest.
 """
 
 from __future__ import annotations
@@ -19,29 +22,48 @@ import torch
 
 from spinml_ray import storage
 from spinml_ray.spec import RequestSpec
-from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key
-from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, to_onnx, to_torchscript
-from spinml_ray.training.classifier import (
-    build_model,
-    evaluate,
-    pretrained_weights,
-    images_to_uint8,
-    load_image_folder,
-    split_train_val,
-    state_dict_bytes,
-    train_epoch,
-)
+from spinml_ray.stages.resume import arm_fault, die_if_armed, is_out_of_memory, latest_state, save_state, state_key
+from spinml_ray.training import classifier, detector
+from spinml_ray.training.classifier import images_to_uint8, pretrained_weights, split_train_val, state_dict_bytes
+from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, export
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 
 
+def _detecting(config: dict) -> bool:
+    return config["task"] == "detection"
+
+
 def _dataset(config: dict):
+    """(train images, train targets, val images, val targets): class indices, or box targets."""
     table = storage.read_committed_table(config["synthetic"])
-    images = images_to_uint8(table.column("image").to_pylist(), config["image_size"])
-    targets = torch.tensor(table.column("label_index").to_pylist(), dtype=torch.long)
+    if _detecting(config):
+        boxes = config["boxes"]
+        rows = [r for r in table.select(["image_id", "label_index", "image"]).to_pylist() if r["image_id"] in boxes]
+        images, targets = detector.prepare([r["image"] for r in rows], [[boxes[r["image_id"]]] for r in rows],
+                                           [[r["label_index"]] for r in rows], config["image_size"])
+    else:
+        images = images_to_uint8(table.column("image").to_pylist(), config["image_size"])
+        targets = torch.tensor(table.column("label_index").to_pylist(), dtype=torch.long)
     train_idx, val_idx = split_train_val(len(targets), config["val_fraction"], config["seed"])
+    if _detecting(config):
+        return images[train_idx], [targets[i] for i in train_idx], images[val_idx], [targets[i] for i in val_idx]
     return images[train_idx], targets[train_idx], images[val_idx], targets[val_idx]
+
+
+def _build(config: dict, pretrained: str | None = None) -> torch.nn.Module:
+    build = detector.build_detector if _detecting(config) else classifier.build_model
+    return build(config["architecture"], config["num_classes"], pretrained)
+
+
+def _evaluate(config: dict, model, images, targets) -> dict:
+    """The task's evaluation, with `score` (accuracy, or mAP50-95) for picking the best checkpoint."""
+    if _detecting(config):
+        result = detector.evaluate(model, images, targets, config["num_classes"])
+        return {**result, "score": result["map"] or 0.0}
+    result = classifier.evaluate(model, images, targets, config["num_classes"])
+    return {**result, "score": result["accuracy"] or 0.0}
 
 
 def train_loop(config: dict) -> None:
@@ -50,18 +72,21 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     torch.manual_seed(config["seed"])
+    torch.set_num_threads(config["threads"])
     x_train, y_train, x_val, y_val = _dataset(config)
-    pretrained = pretrained_weights(config["model"], config["architecture"])
-    model = ray.train.torch.prepare_model(build_model(config["architecture"], config["num_classes"], pretrained))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x_train, y_train), batch_size=config["batch_size"], shuffle=True
-    )
-    loader = ray.train.torch.prepare_data_loader(loader)
+    pretrained = pretrained_weights(config["model"], config["architecture"], config["task"])
+    model = ray.train.torch.prepare_model(_build(config, pretrained))
+    if _detecting(config):
+        data, collate, train_epoch = detector.DetectionData(x_train, y_train), detector.collate, detector.train_epoch
+    else:
+        data, collate, train_epoch = torch.utils.data.TensorDataset(x_train, y_train), None, classifier.train_epoch
+    loader = torch.utils.data.DataLoader(data, batch_size=config["batch_size"], shuffle=True, collate_fn=collate)
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     device = ray.train.torch.get_device()
     plain = model.module if hasattr(model, "module") else model
     rank = ray.train.get_context().get_world_rank()
-    key = state_key({k: v for k, v in config.items() if k != "state_uri"})
+    key = state_key({k: v for k, v in config.items() if k not in ("state_uri", "threads")})
     state = latest_state(config["state_uri"], key, STATE_FILE, str(device))
     first_epoch = 0
     if state:
@@ -71,9 +96,8 @@ def train_loop(config: dict) -> None:
     for epoch in range(first_epoch, config["epochs"]):
         die_if_armed(config, epoch, rank)
         loss = train_epoch(model, loader, optimizer, device)
-        val = evaluate(plain, x_val, y_val, config["num_classes"])
-        metrics = {"epoch": epoch, "train_loss": loss, "val_accuracy": val["accuracy"] or 0.0,
-                   "resumed_from_epoch": first_epoch}
+        val = _evaluate(config, plain, x_val, y_val)
+        metrics = {"epoch": epoch, "train_loss": loss, "val_score": val["score"], "resumed_from_epoch": first_epoch}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -86,22 +110,27 @@ def train_loop(config: dict) -> None:
 
 
 def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | None = None,
-              fault_injection_epoch: int | None = None, model: str = "tiny") -> dict:
+              fault_injection_epoch: int | None = None, model: str = "tiny", cpus_per_worker: int = 1,
+              fault_kind: str = "kill") -> dict:
     """Train, evaluate and write `model/`; returns the metrics written to `model/metrics.json`.
 
     On GPU clusters each worker asks for `training.gpu_fraction` of a GPU, so several requests' small
-    models share a card. `fault_injection_epoch` kills rank 0's worker once (for resilience tests)."""
+    models share a card; on CPU clusters for `cpus_per_worker` CPUs, and uses that many threads.
+    `fault_injection_epoch` kills rank 0's worker once, or with `fault_kind="oom"` runs it out of
+    memory there (for resilience tests)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import ray
     from spinml_ray.cluster import cluster_has_gpus
-
     from spinml_ray.stages import StageError
 
     if storage.read_manifest(paths.synthetic) is None:
         raise StageError(f"{paths.synthetic}: no committed synthetic images; run the synthesize stage first")
     training = spec.training
+    use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     config = {
+        "task": spec.task,
         "synthetic": paths.synthetic,
         "model": model,
         "architecture": training.architecture,
@@ -113,22 +142,31 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         "val_fraction": 0.1,
         "seed": spec.synthesis.seed,
         "state_uri": storage.join(paths.train_runs, "_resume", STATE_FILE),
+        "threads": 1 if use_gpu else cpus_per_worker,
     }
-    arm_fault(config, f"train-{spec.tenant}-{spec.request_id}", fault_injection_epoch)
-    use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
+    labelling = {}
+    if spec.task == "detection":
+        label = ray.remote(label_synthetic).options(num_cpus=1, num_gpus=training.gpu_fraction if use_gpu else 0)
+        config["boxes"], labelling = ray.get(label.remote(paths.synthetic, model))
+        if len(config["boxes"]) < 2:
+            raise StageError(f"request {spec.request_id}: only {len(config['boxes'])} synthetic image(s) have a "
+                             f"trustworthy box ({labelling}); detection needs boxes from the conditioning "
+                             "(target at L1/L2, or background at L2) or an auto-labeller that finds the subject")
+    arm_fault(config, f"train-{spec.tenant}-{spec.request_id}", fault_injection_epoch, fault_kind)
     fs, runs_path = storage.filesystem(paths.train_runs)
     started = time.time()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"GPU": training.gpu_fraction} if use_gpu else None),
+                                     resources_per_worker={"GPU": training.gpu_fraction} if use_gpu
+                                     else {"CPU": cpus_per_worker}),
         run_config=RunConfig(
             name=f"{spec.request_id}-{int(started)}",
             storage_path=runs_path,
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"
+                num_to_keep=1, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=3),
         ),
@@ -136,45 +174,78 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps the worker's error; report it as this request's failure
+        if is_out_of_memory(exc):
+            raise StageError(f"request {spec.request_id}: training ran out of memory; lower training.batch_size "
+                             f"or training.image_size, or give its workers more memory ({_last_line(exc)})") from exc
         raise StageError(f"request {spec.request_id}: training failed: {exc}") from exc
     best = result.best_checkpoints[0] if result.best_checkpoints else (result.checkpoint, result.metrics)
     checkpoint, best_metrics = best
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, MODEL_FILE), "rb") as handle:
             weights = handle.read()
-    model = build_model(training.architecture, len(spec.labels))
-    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu"))
+    trained = _build(config)
+    trained.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu"))
     if spec.test_set:
-        images, targets = load_image_folder(spec.test_set, spec.label_names)
-        evaluation = evaluate(model, images_to_uint8(images, training.image_size), torch.tensor(targets), len(spec.labels))
+        images, targets = _test_set(spec)
         evaluated_on = "real test set"
     else:
-        _, _, x_val, y_val = _dataset(config)
-        evaluation = evaluate(model, x_val, y_val, len(spec.labels))
+        _, _, images, targets = _dataset(config)
         evaluated_on = "synthetic validation split"
+    evaluation = _evaluate(config, trained, images, targets)
+    del evaluation["score"]
     metrics = {
         "request_id": spec.request_id,
+        "task": spec.task,
         "labels": spec.label_names,
         "evaluated_on": evaluated_on,
         **evaluation,
+        **({"boxes": labelling} if labelling else {}),
         "best_epoch": best_metrics.get("epoch"),
-        "best_val_accuracy": best_metrics.get("val_accuracy"),
+        "best_val_score": best_metrics.get("val_score"),
         "resumed_from_epoch": (result.metrics or {}).get("resumed_from_epoch", 0),
         "train_seconds": round(time.time() - started, 2),
     }
     settings = {
+        "task": spec.task,
         "training": training.model_dump(mode="json"),
         "privacy": spec.privacy.model_dump(mode="json"),
         "synthesis": spec.synthesis.model_dump(mode="json"),
         "labels": spec.label_names,
         "use_gpu": use_gpu,
     }
+    onnx, torchscript = export(spec.task, trained, training.image_size)
     storage.write_bytes(storage.join(paths.model, MODEL_FILE), weights)
-    storage.write_bytes(storage.join(paths.model, ONNX_FILE), to_onnx(model, training.image_size))
-    storage.write_bytes(storage.join(paths.model, TORCHSCRIPT_FILE), to_torchscript(model, training.image_size))
+    storage.write_bytes(storage.join(paths.model, ONNX_FILE), onnx)
+    storage.write_bytes(storage.join(paths.model, TORCHSCRIPT_FILE), torchscript)
     storage.write_json(storage.join(paths.model, "metrics.json"), metrics)
     storage.write_json(storage.join(paths.model, "settings.json"), settings)
     storage.commit(paths.model, [MODEL_FILE, ONNX_FILE, TORCHSCRIPT_FILE, "metrics.json", "settings.json"],
-                   architecture=training.architecture, image_size=training.image_size, labels=spec.label_names)
+                   task=spec.task, architecture=training.architecture, image_size=training.image_size,
+                   labels=spec.label_names)
     storage.delete(config["state_uri"])  # complete: a later run starts afresh
     return metrics
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
+def label_synthetic(synthetic: str, model: str) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """`autolabel.trusted_boxes` over a committed synthetic table, with the model source's SAM (if any)."""
+    from spinml_ray.autolabel import trusted_boxes
+    from spinml_ray.segmentation import LazySegmenter
+
+    table = storage.read_committed_table(synthetic).select(["image_id", "box", "image"])
+    segmenter = LazySegmenter(model)
+    segment = segmenter if any(b is None for b in table.column("box").to_pylist()) and segmenter.available else None
+    return trusted_boxes(table.to_pylist(), segment)
+
+
+def _test_set(spec: RequestSpec):
+    size = spec.training.image_size
+    if spec.task == "detection":
+        images, boxes, labels = detector.load_test_set(spec.test_set, spec.label_names)
+        return detector.prepare(images, boxes, labels, size)
+    images, targets = classifier.load_image_folder(spec.test_set, spec.label_names)
+    return images_to_uint8(images, size), torch.tensor(targets)

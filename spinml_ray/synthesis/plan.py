@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from spinml_ray.images import decode_png, encode_png
+from spinml_ray.images import box_of_mask, decode_png, encode_png
 from spinml_ray.spec import LabelSpec, Level, PrivacySpec, RequestSpec, SynthesisSpec
 from spinml_ray.synthesis.prompts import build_prompt
 from spinml_ray.synthesis.workitems import WorkItem
@@ -61,6 +61,28 @@ def conditioning(target: dict, background: dict, size: int) -> dict[str, bytes |
             hole = ~(decode_png(released["background"]["region"]) > 0)
             out["mask_image"] = encode_png(_resize_mask(hole, size))
     return out
+
+
+def _bounding_box(mask: np.ndarray, size: int) -> list[float] | None:
+    """`mask`'s box scaled to a size x size frame (as the conditioning is)."""
+    box = box_of_mask(mask)
+    height, width = mask.shape[:2]
+    return None if box is None else [v * size / (width if i % 2 == 0 else height) for i, v in enumerate(box)]
+
+
+def geometry_box(target: dict, background: dict, size: int) -> list[float] | None:
+    """Where the conditioning put the target in a size x size image, or None where it did not fix it.
+
+    The target's released region (L2) or edge map (L1) places it; with only the background released
+    at L2, the target is what gets inpainted, in the hole. An L1 background alone leaves the target's
+    place open, and L0_L0 images have no geometry at all: those need the auto-labeller."""
+    if target["level"] == Level.L2.value:
+        return _bounding_box(decode_png(target["region"]) > 0, size)
+    if target["level"] == Level.L1.value:
+        return _bounding_box(decode_png(target["payload"]) > 0, size)
+    if background["level"] == Level.L2.value:
+        return _bounding_box(~(decode_png(background["region"]) > 0), size)
+    return None
 
 
 def index_bundle(sanitized: list[dict]) -> dict[str, dict[str, dict]]:

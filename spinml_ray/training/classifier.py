@@ -44,11 +44,12 @@ def build_model(architecture: str, num_classes: int, pretrained: str | None = No
     return model
 
 
-def pretrained_weights(model_source: str, architecture: str) -> str | None:
-    """`{model source}/classifiers/{architecture}.pth` when the source ships it, else None."""
+def pretrained_weights(model_source: str, architecture: str, task: str = "classification") -> str | None:
+    """`{model source}/classifiers/{architecture}.pth` (`detectors/` for detection) when the source
+    ships it, else None."""
     from spinml_ray.models.source import resolve_part
 
-    folder = resolve_part(model_source, "classifiers")
+    folder = resolve_part(model_source, "detectors" if task == "detection" else "classifiers")
     path = os.path.join(folder, f"{architecture}.pth") if folder else None
     return path if path and os.path.exists(path) else None
 

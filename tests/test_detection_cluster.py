@@ -1,0 +1,79 @@
+"""A detection request end to end on the local Ray cluster: boxes from the conditioning, mAP, delivery."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from spinml_ray import storage
+from spinml_ray.examples import write_example
+from spinml_ray.images import decode_png
+from spinml_ray.stages import StageError
+from spinml_ray.training.detector import build_detector
+
+pytestmark = pytest.mark.cluster
+
+
+def run(request_uri, out, http_port):
+    from spinml_ray.pipeline import run_request
+
+    return run_request(request_uri, out, model="tiny", stages=("sanitize", "synthesize", "train"),
+                       http_port=http_port, keep_serving=True)
+
+
+def test_detection_request_trains_on_geometry_boxes_and_reports_map(tmp_path, synthesis, http_port):
+    write_example(str(tmp_path / "request"))
+    out = str(tmp_path / "out")
+    run(str(tmp_path / "request" / "detection.yaml"), out, http_port)
+    base = os.path.join(out, "demo", "example-duck-detection")
+
+    sanitized = {r["ref_id"]: r for r in storage.read_committed_table(os.path.join(base, "sanitized")).to_pylist()
+                 if r["object"] == "target"}
+    synthetic = storage.read_committed_table(os.path.join(base, "synthetic")).to_pylist()
+    for row in synthetic:
+        if row["pool"] == "L0_L0":
+            assert row["box"] is None  # text only: nothing placed the duck
+            continue
+        region = decode_png(sanitized[row["source_ref"]]["region"]) > 0  # the released L2 region
+        ys, xs = np.nonzero(region)
+        sy, sx = 64 / region.shape[0], 64 / region.shape[1]
+        assert row["box"] == pytest.approx([xs.min() * sx, ys.min() * sy, (xs.max() + 1) * sx, (ys.max() + 1) * sy])
+
+    model_dir = os.path.join(base, "model")
+    metrics = storage.read_json(os.path.join(model_dir, "metrics.json"))
+    assert metrics["task"] == "detection" and metrics["evaluated_on"] == "real test set" and metrics["n"] == 8
+    assert metrics["boxes"] == {"geometry": 12, "autolabel": 0, "left_out": 4}  # the tiny SAM passes no mask
+    for key in ("map", "map_50", "map_75"):
+        assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0
+    assert len(metrics["per_label_map"]) == 2
+
+    assert sorted(storage.read_manifest(model_dir)["files"]) == [
+        "metrics.json", "model.onnx", "model.pt", "model.torchscript.pt", "settings.json"]
+    model = build_detector("ssdlite320_mobilenet_v3_large", 2).eval()
+    model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(os.path.join(model_dir, "model.pt")))))
+    scripted = torch.jit.load(io.BytesIO(storage.read_bytes(os.path.join(model_dir, "model.torchscript.pt"))))
+    image = torch.rand(3, 64, 64)
+    with torch.no_grad():
+        expected = model([image])[0]
+    torch.testing.assert_close(scripted([image])[1][0]["boxes"], expected["boxes"])
+    from spinml_ray.training.export import onnx_detections
+
+    delivered = onnx_detections(storage.read_bytes(os.path.join(model_dir, "model.onnx")), image.numpy())
+    assert delivered["boxes"].shape[1] == 4 and delivered["scores"].shape[1] == 3
+
+
+def test_detection_with_no_trustworthy_box_fails_with_the_counts(tmp_path, synthesis, http_port):
+    request = write_example(str(tmp_path / "request"))
+    document = yaml.safe_load(open(os.path.join(os.path.dirname(request), "detection.yaml")))
+    document.update(request_id="duck-l0", privacy={"target": "L0", "background": "L0"},
+                    synthesis={**document["synthesis"], "images_per_label": 2})
+    path = tmp_path / "request" / "l0.yaml"
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(StageError) as info:
+        run(str(path), str(tmp_path / "out"), http_port)
+    message = str(info.value)
+    assert "duck-l0" in message and "trustworthy box" in message and "'left_out': 4" in message
+    assert storage.read_manifest(str(tmp_path / "out" / "demo" / "duck-l0" / "model")) is None
