@@ -1,0 +1,121 @@
+"""Training fleet: specialized models trained per hour, the Ray Train fleet vs a sequential script loop.
+
+For N small requests (each its own synthetic images: procedural duck scenes, two labels), the
+baseline runs `artifact_style_train.py` once per request, one process after another (as the SpinML
+artifact does); the fleet runs `stages.train.run_train` for all N at once on a local Ray cluster,
+`--max-concurrent` at a time, each `TorchTrainer` asking for the cluster's CPUs divided among the
+trainings that run together (`batch.training_cpus`), or a GPU share on GPU machines. Both train
+MobileNetV2 with the same settings on the same images. The fleet's time includes every
+`TorchTrainer`'s start, checkpoints to storage, the final evaluation and the ONNX/TorchScript export;
+it excludes starting the Ray cluster (printed separately: a batch job pays it once).
+
+    .venv/bin/python bench/bench_fleet.py [--sizes 1,4,16] [--images-per-label 32] [--image-size 160]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pyarrow as pa  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from spinml_ray import storage  # noqa: E402
+from spinml_ray.examples import LABELS, make_scene  # noqa: E402
+from spinml_ray.images import encode_png  # noqa: E402
+from spinml_ray.spec import parse_request  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_request_data(root: str, index: int, per_label: int, settings: dict):
+    """One request's synthetic images, as a committed `synthetic/` table and as label folders."""
+    spec = parse_request({
+        "request_id": f"fleet-{index:03d}", "tenant": "bench", "subject": "duck", "bundle": "unused",
+        "labels": [{"name": name, "phrase": phrase} for name, phrase in LABELS.items()],
+        "training": settings,
+    })
+    paths = storage.RequestPaths(os.path.join(root, "fleet"), spec.tenant, spec.request_id)
+    folder = os.path.join(root, "plain", spec.request_id)
+    rows = []
+    for label_index, label in enumerate(LABELS):
+        os.makedirs(os.path.join(folder, label), exist_ok=True)
+        for k in range(per_label):
+            image, _ = make_scene(label, index * 10_000 + label_index * 1000 + k, size=(64, 64))
+            Image.fromarray(image).save(os.path.join(folder, label, f"{k}.png"))
+            rows.append({"image_id": f"{label}-{k}", "label_index": label_index, "image": encode_png(image)})
+    part = storage.part_uri(paths.synthetic)
+    storage.write_table(part, pa.Table.from_pylist(rows))
+    storage.commit(paths.synthetic, [part], images=len(rows))
+    return spec, paths, folder
+
+
+def sequential(jobs, root: str, settings: dict) -> float:
+    started = time.perf_counter()
+    for spec, _, folder in jobs:
+        subprocess.run([sys.executable, os.path.join(HERE, "artifact_style_train.py"), folder,
+                        os.path.join(root, f"{spec.request_id}.pth"), "--epochs", str(settings["epochs"]),
+                        "--batch-size", str(settings["batch_size"]), "--image-size", str(settings["image_size"])],
+                       check=True)
+    return time.perf_counter() - started
+
+
+def fleet(jobs, max_concurrent: int) -> float:
+    import ray
+
+    from spinml_ray.batch import training_cpus
+    from spinml_ray.stages.train import run_train
+
+    concurrent = min(len(jobs), max_concurrent)
+    cpus = training_cpus(ray.cluster_resources().get("CPU", 1), concurrent)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrent) as pool:
+        list(pool.map(lambda job: run_train(job[0], job[1], cpus_per_worker=cpus), jobs))
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1,4,16")
+    parser.add_argument("--images-per-label", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--max-concurrent", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.sizes.split(",")]
+    settings = {"architecture": "mobilenet_v2", "epochs": args.epochs, "batch_size": 128, "learning_rate": 1e-3,
+                "image_size": args.image_size}
+    import ray
+
+    from spinml_ray.cluster import connect
+
+    with tempfile.TemporaryDirectory() as root:
+        started = time.perf_counter()
+        connect(num_cpus=os.cpu_count())
+        ray_start = time.perf_counter() - started
+        results = []
+        for n in sizes:
+            jobs = [write_request_data(os.path.join(root, f"n{n}"), i, args.images_per_label, settings) for i in range(n)]
+            seq = sequential(jobs, os.path.join(root, f"n{n}"), settings)
+            par = fleet(jobs, args.max_concurrent)
+            results.append((n, seq, par))
+        ray.shutdown()
+    print(f"\n{os.cpu_count()} CPUs; per request {2 * args.images_per_label} images, MobileNetV2 at "
+          f"{args.image_size} px, {args.epochs} epochs, batch 128; fleet at most {args.max_concurrent} at once; "
+          f"starting Ray took {ray_start:.1f} s (not counted)\n")
+    print("| N | sequential s | sequential models/h | fleet s | fleet models/h | fleet / sequential |")
+    print("|---|---|---|---|---|---|")
+    for n, seq, par in results:
+        print(f"| {n} | {seq:.1f} | {3600 * n / seq:.1f} | {par:.1f} | {3600 * n / par:.1f} | {seq / par:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
