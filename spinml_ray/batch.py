@@ -56,9 +56,26 @@ def training_cpus(cluster_cpus: float, concurrent: int, reserved: float = 0) -> 
     return max(1, int((cluster_cpus - reserved) // max(1, concurrent)))
 
 
+def training_fleet(cluster_cpus: float, concurrent: int, storage_root: str):
+    """The batch's training fleet: a slot per concurrent request, each with its share of the GPUs
+    (`TrainingSpec.gpu_fraction`) or of the CPUs the synthesis replica leaves; never more slots than
+    those CPUs hold, so a slot never waits on resources that other stages hold."""
+    from spinml_ray.cluster import cluster_has_gpus
+    from spinml_ray.fleet import TrainingFleet
+    from spinml_ray.spec import TrainingSpec
+
+    if cluster_has_gpus():
+        return TrainingFleet(concurrent, use_gpu=True, gpu_fraction=TrainingSpec().gpu_fraction,
+                             runs_uri=storage.join(storage_root, "_fleet"))
+    free = max(1.0, cluster_cpus - 1)  # the synthesis replica holds a CPU on CPU-only clusters
+    cpus = training_cpus(free, concurrent)
+    return TrainingFleet(max(1, min(concurrent, int(free // cpus))), cpus_per_slot=cpus,
+                         runs_uri=storage.join(storage_root, "_fleet"))
+
+
 class BatchRun:
-    def __init__(self, storage_root: str, model: str, http_port: int, train_cpus: int = 1):
-        self.root, self.model, self.http_port, self.train_cpus = storage_root, model, http_port, train_cpus
+    def __init__(self, storage_root: str, model: str, http_port: int, fleet=None):
+        self.root, self.model, self.http_port, self.fleet = storage_root, model, http_port, fleet
         self.lock = threading.Lock()
         self.rows: dict[str, dict] = {}
 
@@ -91,7 +108,7 @@ class BatchRun:
             started = time.time()
             try:
                 run_request(uri, self.root, model=self.model, stages=(stage,), keep_serving=True,
-                            http_port=self.http_port, train_cpus=self.train_cpus)
+                            http_port=self.http_port, fleet=self.fleet)
             except Exception as exc:
                 self._update(uri, paths, stage=stage, state="failed", seconds=round(time.time() - started, 2),
                              error=str(exc))
@@ -106,17 +123,18 @@ def run_batch(requests: list[str], storage_root: str, model: str = "tiny", max_c
     """Run every request; returns (and stores) the summary rows."""
     import ray
 
-    from spinml_ray.cluster import cluster_has_gpus
     from spinml_ray.synthesis.service import ensure_running
 
     ensure_running(model, http_port=http_port, storage_root=storage_root)
     cpus = ray.cluster_resources().get("CPU", 2)
     if max_concurrent is None:  # default: about one request per two CPUs of the cluster
         max_concurrent = max(1, int(cpus) // 2)
-    serving = 0 if cluster_has_gpus() else 1  # the synthesis replica holds a CPU on CPU-only clusters
-    batch = BatchRun(storage_root, model, http_port, training_cpus(cpus, min(max_concurrent, len(requests)), serving))
-    with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="request") as pool:
-        list(pool.map(batch.run_one, requests))
+    batch = BatchRun(storage_root, model, http_port, training_fleet(cpus, min(max_concurrent, len(requests)), storage_root))
+    try:
+        with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="request") as pool:
+            list(pool.map(batch.run_one, requests))
+    finally:
+        batch.fleet.close()
     summary = [batch.rows[uri] for uri in requests]
     storage.write_json(storage.join(storage_root, "_batches", f"{name}.json"), summary)
     return summary

@@ -24,9 +24,11 @@ def run_request(
     stages: tuple[str, ...] = STAGES,
     keep_serving: bool = False,
     http_port: int = 8000,
-    train_cpus: int = 1,
+    fleet=None,
 ) -> dict:
-    """Run `stages` of one request on the connected Ray cluster; returns a summary per stage."""
+    """Run `stages` of one request on the connected Ray cluster; returns a summary per stage.
+
+    `fleet`: a batch job's `fleet.TrainingFleet`, whose slots train the model (else its own trainer)."""
     from ray import serve
 
     from spinml_ray.stages.personalize import run_personalize
@@ -55,5 +57,5 @@ def run_request(
                 serve.delete(APP_NAME)
     if "train" in stages:
         started = time.time()
-        summary["train"] = {**run_train(spec, paths, model=model, cpus_per_worker=train_cpus), "seconds": round(time.time() - started, 2)}
+        summary["train"] = {**run_train(spec, paths, model=model, fleet=fleet), "seconds": round(time.time() - started, 2)}
     return summary

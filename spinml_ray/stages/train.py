@@ -2,13 +2,13 @@
 
 Classification trains a classifier (`training/classifier.py`); detection a detector
 (`training/detector.py`) on the images that have a trustworthy box (`autolabel.py`, run first as a
-Ray task; the left-out images are counted in the metrics). A `TorchTrainer` runs `train_loop` on
-`training.num_workers` workers (DDP; GPUs when the cluster has them). Every epoch reports metrics
-with a checkpoint to the request's `train_runs/`; the checkpoint with the best validation score
-(accuracy, or mAP50-95) is kept. The model is then evaluated on the real test set when the request
-names one (else on the synthetic validation split, and the metrics say which), and `model/`
-receives `model.pt`, `model.onnx` and `model.torchscript.pt` (for the device), `metrics.json` and
-`settings.json`, committed by a manifest.
+Ray task; the left-out images are counted in the metrics). `fit` trains on `training.num_workers`
+workers (DDP; GPUs when the cluster has them), in a `TorchTrainer` of the request's own or in a
+slot of a batch job's training fleet (`fleet.py`). Every epoch's state goes to the request's
+`train_runs/`, and the weights with the best validation score (accuracy, or mAP50-95) are kept.
+The model is then evaluated on the real test set when the request names one (else on the synthetic
+validation split, and the metrics say which), and `model/` receives `model.pt`, `model.onnx` and
+`model.torchscript.pt` (for the device), `metrics.json` and `settings.json`, committed by a manifest.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, export
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
+BEST_FILE = "best.pt"
+RUN_ONLY = ("state_uri", "best_uri", "threads", "report_checkpoints", "fault_at", "fault_marker", "fault_kind")
 
 
 def _detecting(config: dict) -> bool:
@@ -66,8 +68,13 @@ def _evaluate(config: dict, model, images, targets) -> dict:
     return {**result, "score": result["accuracy"] or 0.0}
 
 
-def train_loop(config: dict) -> None:
-    """Ray Train worker loop: train, validate, report a checkpoint every epoch; resume when restarted."""
+def fit(config: dict) -> dict:
+    """Train one request's model, resuming from its stored state; validate every epoch, keep the best.
+
+    Runs in a Ray Train worker: the request's own `TorchTrainer` (`train_loop`, which also reports
+    each epoch's state as a Ray Train checkpoint) or a slot of the training fleet (`fleet.py`). Rank 0
+    keeps the newest state (with the best weights so far) at `state_uri`, and at the end writes the
+    best weights to `best_uri` and this summary beside them (`best_uri` + ".json")."""
     import ray.train
     import ray.train.torch
 
@@ -86,42 +93,50 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     plain = model.module if hasattr(model, "module") else model
     rank = ray.train.get_context().get_world_rank()
-    key = state_key({k: v for k, v in config.items() if k not in ("state_uri", "threads")})
+    key = state_key({k: v for k, v in config.items() if k not in RUN_ONLY})
     state = latest_state(config["state_uri"], key, STATE_FILE, str(device))
-    first_epoch = 0
+    first_epoch, best = 0, None
     if state:
         plain.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        first_epoch = state["epoch"] + 1
+        first_epoch, best = state["epoch"] + 1, state["best"]
     for epoch in range(first_epoch, config["epochs"]):
         die_if_armed(config, epoch, rank)
         loss = train_epoch(model, loader, optimizer, device)
         val = _evaluate(config, plain, x_val, y_val)
+        if best is None or val["score"] > best["score"]:
+            best = {"epoch": epoch, "score": val["score"], "weights": state_dict_bytes(plain)}
         metrics = {"epoch": epoch, "train_loss": loss, "val_score": val["score"], "resumed_from_epoch": first_epoch}
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
             if rank == 0:
-                with open(os.path.join(tmp, MODEL_FILE), "wb") as handle:
-                    handle.write(state_dict_bytes(plain))
-                save_state({"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                           key, config["state_uri"], tmp, STATE_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+                save_state({"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "best": best}, key, config["state_uri"], tmp, STATE_FILE)
+            if config["report_checkpoints"]:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+    summary = {"best_epoch": best["epoch"], "best_val_score": best["score"], "resumed_from_epoch": first_epoch}
+    if rank == 0:
+        storage.write_bytes(config["best_uri"], best["weights"])
+        storage.write_json(config["best_uri"] + ".json", summary)
+    return summary
+
+
+def train_loop(config: dict) -> None:
+    """The worker loop of a request's own `TorchTrainer`."""
+    fit(config)
 
 
 def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | None = None,
               fault_injection_epoch: int | None = None, model: str = "tiny", cpus_per_worker: int = 1,
-              fault_kind: str = "kill") -> dict:
+              fault_kind: str = "kill", fleet=None) -> dict:
     """Train, evaluate and write `model/`; returns the metrics written to `model/metrics.json`.
 
     On GPU clusters each worker asks for `training.gpu_fraction` of a GPU, so several requests' small
     models share a card; on CPU clusters for `cpus_per_worker` CPUs, and uses that many threads.
-    `fault_injection_epoch` kills rank 0's worker once, or with `fault_kind="oom"` runs it out of
-    memory there (for resilience tests)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    With a `fleet` (`fleet.TrainingFleet`), a one-worker training runs in one of its long-lived slots
+    instead of a `TorchTrainer` of its own. `fault_injection_epoch` kills rank 0's worker once, or
+    with `fault_kind="oom"` runs it out of memory there (for resilience tests)."""
     import ray
+
     from spinml_ray.cluster import cluster_has_gpus
     from spinml_ray.stages import StageError
 
@@ -142,7 +157,9 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         "val_fraction": 0.1,
         "seed": spec.synthesis.seed,
         "state_uri": storage.join(paths.train_runs, "_resume", STATE_FILE),
+        "best_uri": storage.join(paths.train_runs, "_resume", BEST_FILE),
         "threads": 1 if use_gpu else cpus_per_worker,
+        "report_checkpoints": False,
     }
     labelling = {}
     if spec.task == "detection":
@@ -153,36 +170,19 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
                              f"trustworthy box ({labelling}); detection needs boxes from the conditioning "
                              "(target at L1/L2, or background at L2) or an auto-labeller that finds the subject")
     arm_fault(config, f"train-{spec.tenant}-{spec.request_id}", fault_injection_epoch, fault_kind)
-    fs, runs_path = storage.filesystem(paths.train_runs)
     started = time.time()
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"GPU": training.gpu_fraction} if use_gpu
-                                     else {"CPU": cpus_per_worker}),
-        run_config=RunConfig(
-            name=f"{spec.request_id}-{int(started)}",
-            storage_path=runs_path,
-            storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
-            ),
-            failure_config=FailureConfig(max_failures=3),
-        ),
-    )
     try:
-        result = trainer.fit()
+        if fleet is not None and fleet.fits(training.num_workers, training.gpu_fraction):
+            fleet.train(f"{spec.tenant}/{spec.request_id}", config)
+        else:
+            _train_alone(spec, paths, config, use_gpu)
     except Exception as exc:  # Ray wraps the worker's error; report it as this request's failure
         if is_out_of_memory(exc):
             raise StageError(f"request {spec.request_id}: training ran out of memory; lower training.batch_size "
                              f"or training.image_size, or give its workers more memory ({_last_line(exc)})") from exc
         raise StageError(f"request {spec.request_id}: training failed: {exc}") from exc
-    best = result.best_checkpoints[0] if result.best_checkpoints else (result.checkpoint, result.metrics)
-    checkpoint, best_metrics = best
-    with checkpoint.as_directory() as directory:
-        with open(os.path.join(directory, MODEL_FILE), "rb") as handle:
-            weights = handle.read()
+    weights = storage.read_bytes(config["best_uri"])
+    best_metrics = storage.read_json(config["best_uri"] + ".json")
     trained = _build(config)
     trained.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu"))
     if spec.test_set:
@@ -200,9 +200,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         "evaluated_on": evaluated_on,
         **evaluation,
         **({"boxes": labelling} if labelling else {}),
-        "best_epoch": best_metrics.get("epoch"),
-        "best_val_score": best_metrics.get("val_score"),
-        "resumed_from_epoch": (result.metrics or {}).get("resumed_from_epoch", 0),
+        **best_metrics,
         "train_seconds": round(time.time() - started, 2),
     }
     settings = {
@@ -222,8 +220,34 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
     storage.commit(paths.model, [MODEL_FILE, ONNX_FILE, TORCHSCRIPT_FILE, "metrics.json", "settings.json"],
                    task=spec.task, architecture=training.architecture, image_size=training.image_size,
                    labels=spec.label_names)
-    storage.delete(config["state_uri"])  # complete: a later run starts afresh
+    for uri in (config["state_uri"], config["best_uri"], config["best_uri"] + ".json"):
+        storage.delete(uri)  # complete: a later run starts afresh
     return metrics
+
+
+def _train_alone(spec: RequestSpec, paths: storage.RequestPaths, config: dict, use_gpu: bool) -> None:
+    """The request's own `TorchTrainer` (any number of workers), reporting a checkpoint every epoch."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    training = spec.training
+    fs, runs_path = storage.filesystem(paths.train_runs)
+    TorchTrainer(
+        train_loop,
+        train_loop_config={**config, "report_checkpoints": True},
+        scaling_config=ScalingConfig(num_workers=training.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"GPU": training.gpu_fraction} if use_gpu
+                                     else {"CPU": config["threads"]}),
+        run_config=RunConfig(
+            name=f"{spec.request_id}-{int(time.time())}",
+            storage_path=runs_path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=3),
+        ),
+    ).fit()
 
 
 def _last_line(error: BaseException) -> str:

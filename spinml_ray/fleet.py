@@ -1,0 +1,183 @@
+"""The training fleet: long-lived Ray Train slots that train many requests' models, one after another.
+
+Starting a `TorchTrainer` costs about as much as training a small model (a controller, worker
+processes, imports: about 9 s on a 2-core machine). A batch job therefore trains its one-worker
+requests in `slots` long-lived `TorchTrainer`s, each with one worker holding `cpus_per_slot` CPUs
+(and as many threads) or `gpu_fraction` of a GPU, so Ray packs several onto a card. Every slot runs
+`slot_loop`: take a job from the `JobBoard` actor, train it with the same `stages.train.fit` as a
+lone request (its own data, its own stored state, its own best weights), report the outcome, next.
+
+Isolation: an exception in one request's training (bad data, out of memory) is caught in the slot,
+recorded for that request alone, and the slot goes on. A dead worker process is restarted by Ray
+Train (`FailureConfig`), and the restarted slot first takes back the job it was running, which
+resumes from its stored state; if the slot gives up, its job fails and a new slot starts.
+Slots leave after `idle_s` without work, so their CPUs go back to the other stages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import ray
+
+from spinml_ray import storage
+
+
+@ray.remote(num_cpus=0)
+class JobBoard:
+    """Pending jobs, the job each slot is running, and outcomes (an async actor: waits don't block)."""
+
+    def __init__(self):
+        self.pending: list[tuple[str, dict]] = []
+        self.running: dict[int, tuple[str, dict]] = {}
+        self.outcomes: dict[str, str | None] = {}
+        self.closed = False
+        self.started: set[int] = set()  # slots whose loop has asked for work at least once
+        self.changed = asyncio.Condition()
+
+    async def put(self, job_id: str, config: dict) -> None:
+        async with self.changed:
+            self.outcomes.pop(job_id, None)
+            self.pending.append((job_id, config))
+            self.changed.notify_all()
+
+    async def take(self, slot: int, idle_s: float):
+        """The slot's unfinished job (after a restart), else the next pending one; None when idle."""
+        async with self.changed:
+            self.started.add(slot)
+            if slot not in self.running:
+                try:
+                    await asyncio.wait_for(self.changed.wait_for(lambda: self.pending or self.closed), idle_s)
+                except asyncio.TimeoutError:
+                    return None
+                if not self.pending:
+                    return None
+                self.running[slot] = self.pending.pop(0)
+            return self.running[slot]
+
+    async def finish(self, slot: int, error: str | None) -> None:
+        async with self.changed:
+            job_id, _ = self.running.pop(slot)
+            self.outcomes[job_id] = error
+            self.changed.notify_all()
+
+    async def fail_slot(self, slot: int, error: str) -> None:
+        if slot in self.running:
+            await self.finish(slot, error)
+
+    async def outcome(self, job_id: str) -> str | None:
+        """Wait for a job: None when it trained, else its error."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: job_id in self.outcomes)
+            return self.outcomes.pop(job_id)
+
+    def pending_count(self) -> int:
+        return len(self.pending)
+
+    def started_count(self) -> int:
+        return len(self.started)
+
+    async def close(self) -> None:
+        """Idle slots leave now, not after `idle_s`."""
+        async with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+def slot_loop(config: dict) -> None:
+    """A fleet slot's Ray Train worker loop: train jobs until none comes for `idle_s`."""
+    import gc
+
+    import torch
+
+    from spinml_ray.stages.train import fit
+
+    board, slot = config["board"], config["slot"]
+    while (job := ray.get(board.take.remote(slot, config["idle_s"]))) is not None:
+        _, job_config = job
+        try:
+            fit({**job_config, "threads": config["threads"]})
+            error = None
+        except Exception as exc:  # this request fails alone; the slot goes on
+            error = f"{type(exc).__name__}: {exc}"
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        ray.get(board.finish.remote(slot, error))
+
+
+class TrainingFleet:
+    """Up to `slots` long-lived one-worker trainers, started when jobs wait and none is free."""
+
+    def __init__(self, slots: int, cpus_per_slot: int = 1, use_gpu: bool = False, gpu_fraction: float = 0.25,
+                 runs_uri: str = "spinml-data/_fleet", idle_s: float = 10.0, max_failures: int = 3):
+        self.max_slots, self.cpus, self.use_gpu, self.gpu_fraction = slots, cpus_per_slot, use_gpu, gpu_fraction
+        self.runs_uri, self.idle_s, self.max_failures = runs_uri, idle_s, max_failures
+        self.board = JobBoard.remote()
+        self.lock = threading.Lock()
+        self.live: dict[int, threading.Thread] = {}
+
+    def fits(self, num_workers: int, gpu_fraction: float) -> bool:
+        """Whether a training of this shape runs in a slot (else it gets a `TorchTrainer` of its own)."""
+        return num_workers == 1 and (not self.use_gpu or gpu_fraction == self.gpu_fraction)
+
+    def train(self, job_id: str, config: dict) -> None:
+        """Train one job (a `stages.train` config) in a slot; raises RuntimeError with its error."""
+        with self.lock:
+            ray.get(self.board.put.remote(job_id, config))
+            if len(self.live) < self.max_slots:
+                self._start_slot()
+        error = ray.get(self.board.outcome.remote(job_id))
+        if error is not None:
+            raise RuntimeError(error)
+
+    def start(self, timeout_s: float = 300) -> None:
+        """Start every slot now and wait until all are ready for work (they still leave after idle_s)."""
+        with self.lock:
+            while len(self.live) < self.max_slots:
+                self._start_slot()
+        deadline = time.time() + timeout_s
+        while ray.get(self.board.started_count.remote()) < self.max_slots:
+            if time.time() > deadline:
+                raise TimeoutError(f"the training fleet's {self.max_slots} slots did not start in {timeout_s} s")
+            time.sleep(0.2)
+
+    def _start_slot(self) -> None:
+        slot = next(i for i in range(self.max_slots) if i not in self.live)
+        self.live[slot] = threading.Thread(target=self._run_slot, args=(slot,), name=f"fleet-slot-{slot}")
+        self.live[slot].start()
+
+    def _run_slot(self, slot: int) -> None:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        fs, runs_path = storage.filesystem(self.runs_uri)
+        while True:
+            trainer = TorchTrainer(
+                slot_loop,
+                train_loop_config={"board": self.board, "slot": slot, "idle_s": self.idle_s,
+                                   "threads": 1 if self.use_gpu else self.cpus},
+                scaling_config=ScalingConfig(num_workers=1, use_gpu=self.use_gpu,
+                                             resources_per_worker={"GPU": self.gpu_fraction} if self.use_gpu
+                                             else {"CPU": self.cpus}),
+                run_config=RunConfig(name=f"slot-{slot}-{time.time_ns()}", storage_path=runs_path,
+                                     storage_filesystem=fs, failure_config=FailureConfig(max_failures=self.max_failures)),
+            )
+            try:
+                trainer.fit()
+            except Exception as exc:  # the slot gave up (its worker kept dying): its job fails, not the others
+                ray.get(self.board.fail_slot.remote(slot, f"training worker failed: {exc}"))
+            with self.lock:  # leave only when no job waits (a job put meanwhile would find no slot)
+                if ray.get(self.board.pending_count.remote()) == 0:
+                    del self.live[slot]
+                    return
+
+    def close(self) -> None:
+        """Let the slots leave once their jobs are done, and wait for them (before Ray shuts down)."""
+        ray.get(self.board.close.remote())
+        with self.lock:
+            threads = list(self.live.values())
+        for thread in threads:
+            thread.join()

@@ -1,0 +1,60 @@
+"""The training fleet on the local Ray cluster: one long-lived slot trains several requests in turn;
+a killed worker's request resumes, an out-of-memory request fails alone, the others deliver."""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+from spinml_ray import storage
+from spinml_ray.examples import write_example
+from spinml_ray.stages import StageError
+
+pytestmark = pytest.mark.cluster
+
+
+def test_one_slot_trains_requests_in_turn_and_isolates_their_failures(tmp_path, synthesis, http_port):
+    from spinml_ray.fleet import TrainingFleet
+    from spinml_ray.pipeline import request_paths, run_request
+    from spinml_ray.spec import load_request
+    from spinml_ray.stages.train import run_train
+
+    folder = tmp_path / "request"
+    document = yaml.safe_load(open(write_example(str(folder))))
+    document["synthesis"]["images_per_label"] = 2
+    document["training"]["epochs"] = 3
+    root = str(tmp_path / "out")
+    jobs = []
+    for request_id in ("plain", "killed", "too-big"):
+        path = folder / f"{request_id}.yaml"
+        path.write_text(yaml.safe_dump({**document, "request_id": request_id}))
+        run_request(str(path), root, stages=("sanitize", "synthesize"), http_port=http_port, keep_serving=True)
+        spec = load_request(str(path))
+        jobs.append((spec, request_paths(spec, root)))
+
+    runs = str(tmp_path / "fleet-runs")
+    fleet = TrainingFleet(1, cpus_per_slot=1, runs_uri=runs, idle_s=30)
+    faults = {"killed": (1, "kill"), "too-big": (0, "oom")}
+
+    def train(job):
+        spec, paths = job
+        at, kind = faults.get(spec.request_id, (None, "kill"))
+        try:
+            return run_train(spec, paths, fleet=fleet, fault_injection_epoch=at, fault_kind=kind)
+        except StageError as exc:
+            return exc
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            plain, killed, too_big = pool.map(train, jobs)
+    finally:
+        fleet.close()
+    assert isinstance(plain, dict) and plain["resumed_from_epoch"] == 0 and plain["n"] == 8
+    assert isinstance(killed, dict) and killed["resumed_from_epoch"] == 1  # epoch 0's state survived the kill
+    assert isinstance(too_big, StageError) and "too-big" in str(too_big) and "ran out of memory" in str(too_big)
+    for (spec, paths), delivered in zip(jobs, (True, True, False)):
+        assert (storage.read_manifest(paths.model) is not None) == delivered, spec.request_id
+        assert not storage.exists(os.path.join(paths.train_runs, "_resume", "train_state.pt")) or not delivered
+    assert len(os.listdir(runs)) == 1  # one slot, started once: the kill was a restart within its run
+    assert not fleet.live  # closed: the slot has left
