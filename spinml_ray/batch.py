@@ -2,7 +2,9 @@
 
 `run_batch` takes request URIs (from a manifest file, or found under a storage prefix), deploys the
 synthesis application once for all of them, and runs up to `max_concurrent` requests at a time, each
-through its remaining stages, so one request trains while others generate or sanitize. A stage whose
+through its remaining stages, so one request trains while others generate or sanitize. Models train
+in the job's training fleet (`fleet.py`: long-lived Ray Train slots, one per concurrent request, each
+with a GPU share or its share of the CPUs), so a small model does not pay a trainer's start. A stage whose
 output is already committed is skipped, so re-running a job finishes what is missing and repeats
 nothing. One request's failure (bad input, a crash) is recorded in its status and the others go on.
 

@@ -42,12 +42,13 @@ def latest_state(state_uri: str, key: str, filename: str, device: str = "cpu") -
     return state if state.get("key") == key else None
 
 
-def save_state(state: dict, key: str, state_uri: str, directory: str, filename: str) -> None:
-    """Write `state` into the checkpoint folder `directory` and, atomically, to `state_uri`."""
+def save_state(state: dict, key: str, state_uri: str, directory: str | None, filename: str) -> None:
+    """Write `state` atomically to `state_uri` and, when given, into the checkpoint folder `directory`."""
     buffer = io.BytesIO()
     torch.save({**state, "key": key}, buffer)
-    with open(os.path.join(directory, filename), "wb") as handle:
-        handle.write(buffer.getvalue())
+    if directory:
+        with open(os.path.join(directory, filename), "wb") as handle:
+            handle.write(buffer.getvalue())
     storage.write_bytes(state_uri, buffer.getvalue())
 
 

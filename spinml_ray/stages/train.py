@@ -107,12 +107,15 @@ def fit(config: dict) -> dict:
         if best is None or val["score"] > best["score"]:
             best = {"epoch": epoch, "score": val["score"], "weights": state_dict_bytes(plain)}
         metrics = {"epoch": epoch, "train_loss": loss, "val_score": val["score"], "resumed_from_epoch": first_epoch}
+        state = {"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best}
+        if not config["report_checkpoints"]:  # a fleet slot: the stored state is the checkpoint
+            if rank == 0:
+                save_state(state, key, config["state_uri"], None, STATE_FILE)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                save_state({"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "best": best}, key, config["state_uri"], tmp, STATE_FILE)
-            if config["report_checkpoints"]:
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+                save_state(state, key, config["state_uri"], tmp, STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
     summary = {"best_epoch": best["epoch"], "best_val_score": best["score"], "resumed_from_epoch": first_epoch}
     if rank == 0:
         storage.write_bytes(config["best_uri"], best["weights"])
