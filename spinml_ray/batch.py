@@ -69,9 +69,9 @@ def training_fleet(cluster_cpus: float, concurrent: int, storage_root: str):
     if cluster_has_gpus():
         return TrainingFleet(concurrent, use_gpu=True, gpu_fraction=TrainingSpec().gpu_fraction,
                              runs_uri=storage.join(storage_root, "_fleet"))
-    free = max(1.0, cluster_cpus - 1)  # the synthesis replica holds a CPU on CPU-only clusters
-    cpus = training_cpus(free, concurrent)
-    return TrainingFleet(max(1, min(concurrent, int(free // cpus))), cpus_per_slot=cpus,
+    serving = 1  # the synthesis replica holds a CPU on CPU-only clusters
+    cpus = training_cpus(cluster_cpus, concurrent, reserved=serving)
+    return TrainingFleet(max(1, min(concurrent, int((cluster_cpus - serving) // cpus))), cpus_per_slot=cpus,
                          runs_uri=storage.join(storage_root, "_fleet"))
 
 

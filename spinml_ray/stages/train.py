@@ -45,12 +45,11 @@ def _dataset(config: dict):
         rows = [r for r in table.select(["image_id", "label_index", "image"]).to_pylist() if r["image_id"] in boxes]
         images, targets = detector.prepare([r["image"] for r in rows], [[boxes[r["image_id"]]] for r in rows],
                                            [[r["label_index"]] for r in rows], config["image_size"])
-    else:
-        images = images_to_uint8(table.column("image").to_pylist(), config["image_size"])
-        targets = torch.tensor(table.column("label_index").to_pylist(), dtype=torch.long)
-    train_idx, val_idx = split_train_val(len(targets), config["val_fraction"], config["seed"])
-    if _detecting(config):
+        train_idx, val_idx = split_train_val(len(targets), config["val_fraction"], config["seed"])
         return images[train_idx], [targets[i] for i in train_idx], images[val_idx], [targets[i] for i in val_idx]
+    images = images_to_uint8(table.column("image").to_pylist(), config["image_size"])
+    targets = torch.tensor(table.column("label_index").to_pylist(), dtype=torch.long)
+    train_idx, val_idx = split_train_val(len(targets), config["val_fraction"], config["seed"])
     return images[train_idx], targets[train_idx], images[val_idx], targets[val_idx]
 
 
@@ -106,12 +105,12 @@ def fit(config: dict) -> dict:
         val = _evaluate(config, plain, x_val, y_val)
         if best is None or val["score"] > best["score"]:
             best = {"epoch": epoch, "score": val["score"], "weights": state_dict_bytes(plain)}
-        metrics = {"epoch": epoch, "train_loss": loss, "val_score": val["score"], "resumed_from_epoch": first_epoch}
         state = {"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best}
         if not config["report_checkpoints"]:  # a fleet slot: the stored state is the checkpoint
             if rank == 0:
                 save_state(state, key, config["state_uri"], None, STATE_FILE)
             continue
+        metrics = {"epoch": epoch, "train_loss": loss, "val_score": val["score"], "resumed_from_epoch": first_epoch}
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 save_state(state, key, config["state_uri"], tmp, STATE_FILE)
@@ -129,13 +128,12 @@ def train_loop(config: dict) -> None:
 
 
 def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | None = None,
-              fault_injection_epoch: int | None = None, model: str = "tiny", cpus_per_worker: int = 1,
-              fault_kind: str = "kill", fleet=None) -> dict:
+              fault_injection_epoch: int | None = None, model: str = "tiny", fault_kind: str = "kill",
+              fleet=None) -> dict:
     """Train, evaluate and write `model/`; returns the metrics written to `model/metrics.json`.
 
     On GPU clusters each worker asks for `training.gpu_fraction` of a GPU, so several requests' small
-    models share a card; on CPU clusters for `cpus_per_worker` CPUs, and uses that many threads.
-    With a `fleet` (`fleet.TrainingFleet`), a one-worker training runs in one of its long-lived slots
+    models share a card; on CPU clusters for one CPU each. With a `fleet` (`fleet.TrainingFleet`), a one-worker training runs in one of its long-lived slots
     instead of a `TorchTrainer` of its own. `fault_injection_epoch` kills rank 0's worker once, or
     with `fault_kind="oom"` runs it out of memory there (for resilience tests)."""
     import ray
@@ -161,7 +159,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         "seed": spec.synthesis.seed,
         "state_uri": storage.join(paths.train_runs, "_resume", STATE_FILE),
         "best_uri": storage.join(paths.train_runs, "_resume", BEST_FILE),
-        "threads": 1 if use_gpu else cpus_per_worker,
+        "threads": 1,  # a fleet slot sets its own
         "report_checkpoints": False,
     }
     labelling = {}
@@ -263,10 +261,10 @@ def label_synthetic(synthetic: str, model: str) -> tuple[dict[str, list[float]],
     from spinml_ray.autolabel import trusted_boxes
     from spinml_ray.segmentation import LazySegmenter
 
-    table = storage.read_committed_table(synthetic).select(["image_id", "box", "image"])
+    rows = storage.read_committed_table(synthetic).select(["image_id", "box", "image"]).to_pylist()
     segmenter = LazySegmenter(model)
-    segment = segmenter if any(b is None for b in table.column("box").to_pylist()) and segmenter.available else None
-    return trusted_boxes(table.to_pylist(), segment)
+    segment = segmenter if any(r["box"] is None for r in rows) and segmenter.available else None
+    return trusted_boxes(rows, segment)
 
 
 def _test_set(spec: RequestSpec):
