@@ -135,20 +135,31 @@ class Segmenter:
             if mask is None:
                 raise SegmentationError("SAM found no target mask (no prompt given; add a box, points or a mask)")
             return mask.astype(bool)
-        self.predictor.set_image(image)
-        coords = np.asarray(points, dtype=np.float32) if points else None
-        labels = np.ones(len(points), dtype=np.int64) if points else None
-        masks, scores, _ = self.predictor.predict(
-            point_coords=coords, point_labels=labels, box=np.asarray(box, dtype=np.float32) if box else None,
-            multimask_output=box is None,
-        )
-        mask = masks[int(np.argmax(scores))].astype(bool)
+        mask, _ = self._prompted(image, box, points)
         if box is not None:
             x0, y0, x1, y1 = box
             inside = np.zeros_like(mask)
             inside[y0:y1, x0:x1] = True
             mask &= inside
         return mask
+
+    def prompted(self, image: np.ndarray, box=None, points=None) -> tuple[np.ndarray, float]:
+        """SAM's best mask for a box and/or positive points, unclipped, with its predicted IoU."""
+        import torch
+
+        with torch.inference_mode():
+            return self._prompted(image, box, points)
+
+    def _prompted(self, image: np.ndarray, box, points) -> tuple[np.ndarray, float]:
+        self.predictor.set_image(image)
+        coords = np.asarray(points, dtype=np.float32) if points else None
+        labels = np.ones(len(points), dtype=np.int64) if points else None
+        masks, scores, _ = self.predictor.predict(
+            point_coords=coords, point_labels=labels, box=np.asarray(box, dtype=np.float32) if box is not None else None,
+            multimask_output=box is None,
+        )
+        best = int(np.argmax(scores))
+        return masks[best].astype(bool), float(scores[best])
 
 
 class LazySegmenter:
@@ -176,7 +187,14 @@ class LazySegmenter:
     def available(self) -> bool:
         return self.sam_dir is not None
 
-    def __call__(self, image: np.ndarray, box=None, points=None) -> np.ndarray:
+    @property
+    def loaded(self) -> Segmenter:
         if self._segmenter is None:
             self._segmenter = Segmenter(self.sam_dir)
-        return self._segmenter.segment(image, box=box, points=points)
+        return self._segmenter
+
+    def __call__(self, image: np.ndarray, box=None, points=None) -> np.ndarray:
+        return self.loaded.segment(image, box=box, points=points)
+
+    def prompted(self, image: np.ndarray, box=None, points=None) -> tuple[np.ndarray, float]:
+        return self.loaded.prompted(image, box=box, points=points)

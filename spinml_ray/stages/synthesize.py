@@ -39,6 +39,7 @@ SYNTHETIC_SCHEMA = pa.schema(
         ("condition_sha256", pa.string()),
         ("received_sha256", pa.string()),
         ("box", pa.list_(pa.float64(), 4)),
+        ("attention", pa.binary()),
         ("image", pa.binary()),
     ]
 )
@@ -59,6 +60,8 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
     by_ref = index_bundle(sanitized)
     boxes = {ref: geometry_box(rows["target"], rows["background"], spec.synthesis.resolution)
              for ref, rows in by_ref.items()}
+    if spec.task == "detection":  # where no geometry places the subject, ask where the model drew it
+        items = [i if boxes.get(i.source_ref) else i.model_copy(update={"attend": spec.subject}) for i in items]
     label_index = {name: i for i, name in enumerate(spec.label_names)}
     rows, parts, failures = [], [], []
 
@@ -81,7 +84,7 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
             sent = condition_digest(item)
             if generated.received_sha256 != sent:
                 raise StageError(f"{item.image_id}: the deployment received other conditioning than was sent")
-            row = item.model_dump(exclude={"control_image", "init_image", "mask_image", "request_id", "tenant"})
+            row = item.model_dump(exclude={"control_image", "init_image", "mask_image", "request_id", "tenant", "attend"})
             rows.append(
                 {
                     **row,
@@ -90,6 +93,7 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
                     "condition_sha256": sent,
                     "received_sha256": generated.received_sha256,
                     "box": boxes.get(item.source_ref) if item.source_ref else None,
+                    "attention": generated.attention,
                     "image": generated.image,
                 }
             )

@@ -261,7 +261,9 @@ def label_synthetic(synthetic: str, model: str) -> tuple[dict[str, list[float]],
     from spinml_ray.autolabel import trusted_boxes
     from spinml_ray.segmentation import LazySegmenter
 
-    rows = storage.read_committed_table(synthetic).select(["image_id", "box", "image"]).to_pylist()
+    table = storage.read_committed_table(synthetic)
+    columns = [c for c in ("image_id", "box", "image", "attention") if c in table.column_names]  # older tables: no maps
+    rows = table.select(columns).to_pylist()
     segmenter = LazySegmenter(model)
     segment = segmenter if any(r["box"] is None for r in rows) and segmenter.available else None
     return trusted_boxes(rows, segment)

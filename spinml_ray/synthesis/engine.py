@@ -9,6 +9,9 @@ Per-request LoRA adapters are loaded into the shared UNet/text encoder under the
 `max_adapters` at a time (least recently used evicted). A group runs with exactly its own adapter
 active, or with every adapter disabled, so one request's adapter never touches another's images.
 A lock serialises generation and adapter loading/unloading on the replica.
+
+An item with `attend` also gets the map of the UNet's cross-attention to those words
+(`synthesis/attention.py`): where the model drew the subject, for the detection auto-labeller.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from PIL import Image
 from spinml_ray import storage
 from spinml_ray.images import digest, encode_png
 from spinml_ray.models import source as model_source
+from spinml_ray.synthesis.attention import CrossAttentionRecorder, encode_map, recording, token_positions
 from spinml_ray.synthesis.workitems import GeneratedImage, WorkItem
 
 log = logging.getLogger(__name__)
@@ -183,9 +187,13 @@ class DiffusionEngine:
             kwargs[key] = [_pil(i.control_image, "RGB") for i in group]
         pipe = self.pipes[kind]
         pipe.scheduler = self.schedulers[first.scheduler]
-        images = pipe(**kwargs).images
+        attend = [token_positions(pipe.tokenizer, i.prompt, i.attend) if i.attend else [] for i in group]
+        recorder = CrossAttentionRecorder(attend, first.resolution // pipe.vae_scale_factor) if any(attend) else None
+        with recording(pipe.unet, recorder):
+            images = pipe(**kwargs).images
+        maps = recorder.maps() if recorder else [None] * len(group)
         out = []
-        for item, array in zip(group, images):
+        for item, array, heat in zip(group, images, maps):
             pixels = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
             received = b"".join(x for x in (item.control_image, item.init_image, item.mask_image) if x is not None)
             out.append(
@@ -194,6 +202,7 @@ class DiffusionEngine:
                     kind=kind,
                     image=encode_png(pixels),
                     received_sha256=digest(received) if received else "",
+                    attention=encode_map(heat) if heat is not None else None,
                 )
             )
         return out

@@ -30,6 +30,8 @@ class WorkItem(BaseModel):
     scheduler: Scheduler = "dpmsolver++"
     adapter: str | None = Field(default=None, description="URI of this request's LoRA adapter folder")
     source_ref: str | None = None
+    attend: str | None = Field(default=None, max_length=200,
+                               description="words of the prompt whose cross-attention map to return (the subject)")
     control_image: bytes | None = None
     init_image: bytes | None = None
     mask_image: bytes | None = None
@@ -57,6 +59,7 @@ class GeneratedImage(BaseModel):
     kind: str
     image: bytes = Field(description="PNG bytes")
     received_sha256: str = Field(description="digest of the conditioning the deployment received ('' for none)")
+    attention: bytes | None = Field(default=None, description="PNG map of the cross-attention to `attend`")
 
 
 class GenerateRequest(BaseModel):
