@@ -4,7 +4,8 @@
 synthesis application once for all of them, and runs up to `max_concurrent` requests at a time, each
 through its remaining stages, so one request trains while others generate or sanitize. Models train
 in the job's training fleet (`fleet.py`: long-lived Ray Train slots, one per concurrent request, each
-with a GPU share or its share of the CPUs), so a small model does not pay a trainer's start. A stage whose
+with a GPU share or its share of the CPUs), so a small model does not pay a trainer's start; a slot
+is started for a request while it is synthesized, so that start overlaps synthesis. A stage whose
 output is already committed is skipped, so re-running a job finishes what is missing and repeats
 nothing. One request's failure (bad input, a crash) is recorded in its status and the others go on.
 
@@ -108,7 +109,12 @@ class BatchRun:
                 continue
             self._update(uri, paths, stage=stage, state="running")
             started = time.time()
+            job = f"{spec.tenant}/{spec.request_id}"
+            warm = (stage == "synthesize" and self.fleet is not None
+                    and self.fleet.fits(spec.training.num_workers, spec.training.gpu_fraction))
             try:
+                if warm:  # a slot starts for this request's training while it is synthesized
+                    self.fleet.expect(job)
                 run_request(uri, self.root, model=self.model, stages=(stage,), keep_serving=True,
                             http_port=self.http_port, fleet=self.fleet)
             except Exception as exc:
@@ -116,6 +122,9 @@ class BatchRun:
                              error=str(exc))
                 self._update(uri, paths, state="failed", error=f"{stage}: {exc}")
                 return
+            finally:
+                if warm:
+                    self.fleet.forget(job)
             self._update(uri, paths, stage=stage, state="done", seconds=round(time.time() - started, 2))
         self._update(uri, paths, state="done")
 

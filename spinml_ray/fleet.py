@@ -11,7 +11,11 @@ Isolation: an exception in one request's training (bad data, out of memory) is c
 recorded for that request alone, and the slot goes on. A dead worker process is restarted by Ray
 Train (`FailureConfig`), and the restarted slot first takes back the job it was running, which
 resumes from its stored state; if the slot gives up, its job fails and a new slot starts.
-Slots leave after `idle_s` without work, so their CPUs go back to the other stages.
+Slots leave after `idle_s` without work, so their CPUs go back to the other stages. A batch job
+`expect`s each request's training while the request is synthesized: a slot starts then, and idle
+slots stay while a job is expected, so the start-up overlaps synthesis instead of delaying training.
+(An expectation ends with synthesis, before the request's other Ray work, e.g. detection's labelling,
+could wait for the CPUs an idle slot holds.)
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class JobBoard:
         self.pending: list[tuple[str, dict]] = []
         self.running: dict[int, tuple[str, dict]] = {}
         self.outcomes: dict[str, str | None] = {}
+        self.expected: set[str] = set()  # jobs whose requests are being synthesized: slots wait for them
+        self.forgotten_at = 0.0  # when the last expectation ended (idle slots count from then)
         self.closed = False
         self.started: set[int] = set()  # slots whose loop has asked for work at least once
         self.changed = asyncio.Condition()
@@ -43,15 +49,33 @@ class JobBoard:
             self.pending.append((job_id, config))
             self.changed.notify_all()
 
+    async def expect(self, job_id: str) -> None:
+        async with self.changed:
+            self.expected.add(job_id)
+
+    async def forget(self, job_id: str) -> None:
+        async with self.changed:
+            self.expected.discard(job_id)
+            self.forgotten_at = asyncio.get_running_loop().time()
+            self.changed.notify_all()
+
     async def take(self, slot: int, idle_s: float):
-        """The slot's unfinished job (after a restart), else the next pending one; None when idle."""
+        """The slot's unfinished job (after a restart), else the next pending one; None once the slot
+        has been idle for `idle_s` with no job pending or expected."""
+        clock = asyncio.get_running_loop().time
         async with self.changed:
             self.started.add(slot)
             if slot not in self.running:
-                try:
-                    await asyncio.wait_for(self.changed.wait_for(lambda: self.pending or self.closed), idle_s)
-                except asyncio.TimeoutError:
-                    return None
+                idle_since = clock()
+                while not (self.pending or self.closed):
+                    idle_since = clock() if self.expected else max(idle_since, self.forgotten_at)
+                    remaining = idle_since + idle_s - clock()
+                    if remaining <= 0:
+                        return None
+                    try:
+                        await asyncio.wait_for(self.changed.wait(), remaining)
+                    except asyncio.TimeoutError:
+                        pass
                 if not self.pending:
                     return None
                 self.running[slot] = self.pending.pop(0)
@@ -132,6 +156,18 @@ class TrainingFleet:
         error = ray.get(self.board.outcome.remote(job_id))
         if error is not None:
             raise RuntimeError(error)
+
+    def expect(self, job_id: str) -> None:
+        """A job will come once its request is synthesized: start a slot now if one may still start,
+        and keep idle slots until `forget` (so the slot's start-up overlaps the synthesis)."""
+        with self.lock:
+            ray.get(self.board.expect.remote(job_id))
+            if len(self.live) < self.max_slots:
+                self._start_slot()
+
+    def forget(self, job_id: str) -> None:
+        """The job's synthesis ended (done or failed): idle slots leave `idle_s` after this."""
+        ray.get(self.board.forget.remote(job_id))
 
     def start(self, timeout_s: float = 300) -> None:
         """Start every slot now and wait until all are ready for work (they still leave after idle_s)."""

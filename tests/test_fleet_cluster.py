@@ -58,3 +58,28 @@ def test_one_slot_trains_requests_in_turn_and_isolates_their_failures(tmp_path, 
         assert not storage.exists(os.path.join(paths.train_runs, "_resume", "train_state.pt")) or not delivered
     assert len(os.listdir(runs)) == 1  # one slot, started once: the kill was a restart within its run
     assert not fleet.live  # closed: the slot has left
+
+
+def test_an_expected_job_keeps_its_slot_until_synthesis_ends(ray_cluster, tmp_path):
+    import time
+
+    import ray
+
+    from spinml_ray.fleet import TrainingFleet
+
+    fleet = TrainingFleet(1, cpus_per_slot=1, runs_uri=str(tmp_path / "runs"), idle_s=2)
+    try:
+        fleet.expect("t/r")  # the request is being synthesized: its slot starts now
+        deadline = time.time() + 120
+        while ray.get(fleet.board.started_count.remote()) < 1:
+            assert time.time() < deadline, "the expected job's slot did not start"
+            time.sleep(0.2)
+        time.sleep(8)  # 4 x idle_s with nothing to train (an idle slot is gone after about 4.5 s here) ...
+        assert fleet.live  # ... and the slot stays, because a job is expected
+        fleet.forget("t/r")  # synthesis failed: the job never comes
+        deadline = time.time() + 60
+        while fleet.live:
+            assert time.time() < deadline, "the slot did not leave once nothing was expected"
+            time.sleep(0.2)
+    finally:
+        fleet.close()

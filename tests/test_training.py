@@ -139,3 +139,34 @@ def test_out_of_memory_errors_are_recognised_through_wrapping():
     assert is_out_of_memory(RuntimeError(f"Training failed due to worker errors:\n{info.value}"))
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_out_of_memory(ValueError("resolution must be a multiple of 8"))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_batch_expects_a_requests_training_while_it_is_synthesized(tmp_path, monkeypatch, fails):
+    from spinml_ray import batch
+    from spinml_ray.examples import write_example
+
+    events = []
+
+    class Fleet:
+        def fits(self, num_workers, gpu_fraction):
+            return True
+
+        def expect(self, job):
+            events.append(("expect", job))
+
+        def forget(self, job):
+            events.append(("forget", job))
+
+    def run_request(uri, root, stages, **kwargs):
+        events.append(stages[0])
+        if fails and stages[0] == "synthesize":
+            raise RuntimeError("the deployment fell over")
+
+    monkeypatch.setattr(batch, "run_request", run_request)
+    run = batch.BatchRun(str(tmp_path / "out"), "tiny", 0, fleet=Fleet())
+    run.run_one(write_example(str(tmp_path / "request")))
+    job = "demo/example-duck"  # the example needs no personalization (its target is not at L2)
+    started = ["sanitize", ("expect", job), "synthesize", ("forget", job)]
+    assert events == (started if fails else started + ["train"])
+    assert run.rows[next(iter(run.rows))]["state"] == ("failed" if fails else "done")
