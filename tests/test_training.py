@@ -1,5 +1,7 @@
 """The specialized classifier's plain-PyTorch parts (no Ray)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -170,3 +172,20 @@ def test_batch_expects_a_requests_training_while_it_is_synthesized(tmp_path, mon
     started = ["sanitize", ("expect", job), "synthesize", ("forget", job)]
     assert events == (started if fails else started + ["train"])
     assert run.rows[next(iter(run.rows))]["state"] == ("failed" if fails else "done")
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18", "ssdlite320_mobilenet_v3_large"])
+def test_models_are_built_channels_last_with_the_same_outputs(arch):
+    from spinml_ray.training.detector import build_detector
+
+    torch.manual_seed(0)
+    model = (build_detector(arch, 2) if arch.startswith("ssd") else build_model(arch, 2)).eval()
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    with torch.no_grad():
+        batch = torch.rand(2, 3, 64, 64)
+        if arch.startswith("ssd"):  # the backbone's feature maps: the detection heads' inputs
+            model, plain = model.backbone, plain.backbone
+        torch.testing.assert_close(model(batch), plain(batch), atol=1e-4, rtol=1e-4)

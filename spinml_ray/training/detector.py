@@ -17,7 +17,7 @@ from PIL import Image
 
 from spinml_ray import storage
 from spinml_ray.images import decode_rgb
-from spinml_ray.training.classifier import IMAGE_EXTENSIONS
+from spinml_ray.training.classifier import IMAGE_EXTENSIONS, channels_last
 
 BOXES_FILE = "boxes.json"
 
@@ -39,7 +39,7 @@ def build_detector(architecture: str, num_labels: int, pretrained: str | None = 
         if len(fitting) < len(own) // 2:
             raise ValueError(f"{pretrained}: not a torchvision {architecture} state dict")
         model.load_state_dict(fitting, strict=False)
-    return model
+    return channels_last(model)
 
 
 def prepare(images: list[bytes], boxes: list[list[list[float]]], labels: list[list[int]], size: int):
