@@ -95,3 +95,20 @@ def test_adapters_of_two_requests_train_side_by_side(tmp_path, synthesis, http_p
     weights = [load_file(os.path.join(request_paths(s, root).adapters, LORA_WEIGHTS)) for s in specs]
     assert weights[0].keys() == weights[1].keys()
     assert any(not (weights[0][k] == weights[1][k]).all() for k in weights[0])  # each from its own data
+
+
+def test_an_out_of_memory_adapter_fails_with_the_settings_to_lower(tmp_path, synthesis, http_port):
+    from spinml_ray.stages import StageError
+    from spinml_ray.stages.personalize import run_personalize
+
+    uri = _request(tmp_path / "req", "lora-too-big", steps=3)
+    root = str(tmp_path / "out")
+    _run(uri, root, http_port, ("sanitize",))
+    spec = load_request(uri)
+    paths = request_paths(spec, root)
+    with pytest.raises(StageError) as info:  # a real allocator refusal in the worker, at step 1
+        run_personalize(spec, paths, "tiny", synthesis, fault_injection_step=1, fault_kind="oom")
+    message = str(info.value)
+    assert "lora-too-big" in message and "personalization ran out of memory" in message
+    assert "personalization.batch_size" in message and "can't allocate memory" in message
+    assert storage.read_manifest(paths.adapters) is None  # no adapter, so synthesis will not use one

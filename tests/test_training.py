@@ -143,6 +143,19 @@ def test_out_of_memory_errors_are_recognised_through_wrapping():
     assert not is_out_of_memory(ValueError("resolution must be a multiple of 8"))
 
 
+def test_training_failures_name_the_request_and_for_memory_the_settings_to_lower():
+    from spinml_ray.stages import StageError
+    from spinml_ray.stages.resume import training_failure
+
+    wrapped = RuntimeError("Training failed due to worker errors:\n  ...\nRuntimeError: CUDA out of memory. "
+                           "Tried to allocate 2.00 GiB")
+    error = training_failure("r1", "personalization", wrapped, "personalization.batch_size")
+    assert isinstance(error, StageError)
+    assert str(error) == ("request r1: personalization ran out of memory; lower personalization.batch_size, or give "
+                          "its workers more memory (RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert str(training_failure("r2", "training", ValueError("bad"), "x")) == "request r2: training failed: bad"
+
+
 @pytest.mark.parametrize("fails", [False, True])
 def test_batch_expects_a_requests_training_while_it_is_synthesized(tmp_path, monkeypatch, fails):
     from spinml_ray import batch

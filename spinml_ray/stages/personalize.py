@@ -22,7 +22,7 @@ import torch
 from spinml_ray import storage
 from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, LoraTrainer, target_crops
 from spinml_ray.spec import Level, RequestSpec
-from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key
+from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key, training_failure
 from spinml_ray.synthesis.plan import image_seed
 from spinml_ray.synthesis.workitems import WorkItem
 
@@ -125,15 +125,15 @@ def class_images(spec: RequestSpec, paths: storage.RequestPaths, handle, setting
 
 
 def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, handle, use_gpu: bool | None = None,
-                    fault_injection_step: int | None = None) -> dict:
+                    fault_injection_step: int | None = None, fault_kind: str = "kill") -> dict:
     """Train (or resume) the request's adapter; returns the committed manifest, or why it was skipped.
 
-    `fault_injection_step` kills rank 0's worker process once at that step (for resilience tests)."""
+    `fault_injection_step` kills rank 0's worker process once at that step, or with `fault_kind="oom"`
+    runs it out of memory there (for resilience tests)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from spinml_ray.cluster import cluster_has_gpus
-    from spinml_ray.stages import StageError
 
     p = spec.personalization
     if spec.privacy.target != Level.L2 or not p.enabled:
@@ -149,7 +149,7 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
     state_uri = storage.join(paths.adapters, "_resume", STATE_FILE)
     config = {"model": model, "settings": settings, "instance": crops, "class_images": prior, "out": paths.adapters,
               "state_uri": state_uri}
-    arm_fault(config, f"lora-{spec.tenant}-{spec.request_id}", fault_injection_step)
+    arm_fault(config, f"lora-{spec.tenant}-{spec.request_id}", fault_injection_step, fault_kind)
     trainer = TorchTrainer(
         personalize_loop,
         train_loop_config=config,
@@ -161,7 +161,8 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
     try:
         result = trainer.fit()
     except Exception as exc:
-        raise StageError(f"request {spec.request_id}: personalization failed: {exc}") from exc
+        raise training_failure(spec.request_id, "personalization", exc,
+                               "personalization.batch_size or personalization.resolution") from exc
     metrics = result.metrics or {}
     manifest = storage.commit(paths.adapters, [LORA_WEIGHTS, ADAPTER_CONFIG], token=settings["token"],
                           class_noun=settings["class_noun"], steps=metrics.get("step"),

@@ -82,3 +82,16 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` (or what it wraps, as Ray's errors quote the worker's) is an out-of-memory error."""
     text = f"{type(error).__name__}: {error}"
     return any(sign in text for sign in ("OutOfMemoryError", "out of memory", "can't allocate memory"))
+
+
+def training_failure(request_id: str, what: str, error: BaseException, lower: str):
+    """The StageError for a failed Ray Train run: out-of-memory errors say which settings to lower
+    (`lower`) and end with the allocator's own last line; others quote the error."""
+    from spinml_ray.stages import StageError
+
+    if not is_out_of_memory(error):
+        return StageError(f"request {request_id}: {what} failed: {error}")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1][:300] if lines else type(error).__name__
+    return StageError(f"request {request_id}: {what} ran out of memory; lower {lower}, "
+                      f"or give its workers more memory ({last})")

@@ -22,7 +22,7 @@ import torch
 
 from spinml_ray import storage
 from spinml_ray.spec import RequestSpec
-from spinml_ray.stages.resume import arm_fault, die_if_armed, is_out_of_memory, latest_state, save_state, state_key
+from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key, training_failure
 from spinml_ray.training import classifier, detector
 from spinml_ray.training.classifier import images_to_uint8, pretrained_weights, split_train_val, state_dict_bytes
 from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, export
@@ -178,10 +178,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         else:
             _train_alone(spec, paths, config, use_gpu)
     except Exception as exc:  # Ray wraps the worker's error; report it as this request's failure
-        if is_out_of_memory(exc):
-            raise StageError(f"request {spec.request_id}: training ran out of memory; lower training.batch_size "
-                             f"or training.image_size, or give its workers more memory ({_last_line(exc)})") from exc
-        raise StageError(f"request {spec.request_id}: training failed: {exc}") from exc
+        raise training_failure(spec.request_id, "training", exc, "training.batch_size or training.image_size") from exc
     weights = storage.read_bytes(config["best_uri"])
     best_metrics = storage.read_json(config["best_uri"] + ".json")
     trained = _build(config)
@@ -249,11 +246,6 @@ def _train_alone(spec: RequestSpec, paths: storage.RequestPaths, config: dict, u
             failure_config=FailureConfig(max_failures=3),
         ),
     ).fit()
-
-
-def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(error).__name__
 
 
 def label_synthetic(synthetic: str, model: str) -> tuple[dict[str, list[float]], dict[str, int]]:
