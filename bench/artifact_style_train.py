@@ -7,6 +7,10 @@ validation after every epoch (batch 4); the best model is saved with `torch.save
 own process, one after another, as the artifact's shell loop runs it.
 
     python bench/artifact_style_train.py DATA OUT [--epochs 5] [--batch-size 128] [--image-size 224]
+                                         [--channels-last]
+
+`--channels-last` lays the model out NHWC as the fleet's models are (not in the artifact's style):
+it separates what the layout gains from what the fleet gains.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,6 +68,8 @@ def main() -> None:
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=4)
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=len(dataset.labels)).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     best = -1.0
     for _ in range(args.epochs):

@@ -2,7 +2,8 @@
 
 For N small requests (each its own synthetic images: procedural duck scenes, two labels), the
 baseline runs `artifact_style_train.py` once per request, one process after another (as the SpinML
-artifact does). The fleet runs `stages.train.run_train` for all N at once on a local Ray cluster
+artifact does); "sequential NHWC" is the same loop with the model laid out channels-last as the
+fleet's are, which separates the layout's gain from the fleet's own. The fleet runs `stages.train.run_train` for all N at once on a local Ray cluster
 through a `fleet.TrainingFleet` of min(N, `--max-concurrent`) slots, each with the cluster's CPUs
 divided among the slots (`batch.training_cpus`), or a GPU share on GPU machines. Both train
 MobileNetV2 with the same settings on the same images. The fleet's time includes each epoch's state
@@ -59,12 +60,13 @@ def write_request_data(root: str, index: int, per_label: int, settings: dict):
     return spec, paths, folder
 
 
-def sequential(jobs, root: str, settings: dict) -> float:
+def sequential(jobs, root: str, settings: dict, channels_last: bool = False) -> float:
     started = time.perf_counter()
     for spec, _, folder in jobs:
         subprocess.run([sys.executable, os.path.join(HERE, "artifact_style_train.py"), folder,
                         os.path.join(root, f"{spec.request_id}.pth"), "--epochs", str(settings["epochs"]),
-                        "--batch-size", str(settings["batch_size"]), "--image-size", str(settings["image_size"])],
+                        "--batch-size", str(settings["batch_size"]), "--image-size", str(settings["image_size"]),
+                        *(["--channels-last"] if channels_last else [])],
                        check=True)
     return time.perf_counter() - started
 
@@ -114,18 +116,21 @@ def main() -> None:
         for n in sizes:
             jobs = [write_request_data(os.path.join(root, f"n{n}"), i, args.images_per_label, settings) for i in range(n)]
             seq = sequential(jobs, os.path.join(root, f"n{n}"), settings)
+            seq_nhwc = sequential(jobs, os.path.join(root, f"n{n}"), settings, channels_last=True)
             cold = fleet(jobs, args.max_concurrent, os.path.join(root, f"n{n}"), warm=False)
             warm = fleet(jobs, args.max_concurrent, os.path.join(root, f"n{n}"), warm=True)
-            results.append((n, seq, cold, warm))
+            results.append((n, seq, seq_nhwc, cold, warm))
         ray.shutdown()
     print(f"\n{os.cpu_count()} CPUs; per request {2 * args.images_per_label} images, MobileNetV2 at "
           f"{args.image_size} px, {args.epochs} epochs, batch 128; fleet at most {args.max_concurrent} at once; "
           f"starting Ray took {ray_start:.1f} s (not counted)\n")
-    print("| N | sequential s | models/h | fleet, cold s | models/h | vs sequential | fleet, warm s | models/h | vs sequential |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, seq, cold, warm in results:
-        print(f"| {n} | {seq:.1f} | {3600 * n / seq:.0f} | {cold:.1f} | {3600 * n / cold:.0f} | {seq / cold:.2f}x "
-              f"| {warm:.1f} | {3600 * n / warm:.0f} | {seq / warm:.2f}x |")
+    print("| N | sequential s | models/h | sequential NHWC s | fleet, cold s | models/h | vs sequential "
+          "| vs seq. NHWC | fleet, warm s | models/h | vs sequential | vs seq. NHWC |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, seq, seq_nhwc, cold, warm in results:
+        print(f"| {n} | {seq:.1f} | {3600 * n / seq:.0f} | {seq_nhwc:.1f} "
+              f"| {cold:.1f} | {3600 * n / cold:.0f} | {seq / cold:.2f}x | {seq_nhwc / cold:.2f}x "
+              f"| {warm:.1f} | {3600 * n / warm:.0f} | {seq / warm:.2f}x | {seq_nhwc / warm:.2f}x |")
 
 
 if __name__ == "__main__":
