@@ -10,7 +10,8 @@ output is already committed is skipped, so re-running a job finishes what is mis
 nothing. One request's failure (bad input, a crash) is recorded in its status and the others go on.
 
 Each request's `status.json` (stage, state, seconds, error) is rewritten atomically as it moves; the
-job logs one line per change and ends with a summary table, also stored as `_batches/{name}.json`.
+job logs one line per change, prefixed with the progress so far ("[3/10 done, 1 failed]"), and ends
+with a summary table, also stored as `_batches/{name}.json`.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def training_fleet(cluster_cpus: float, concurrent: int, storage_root: str):
 
 
 class BatchRun:
-    def __init__(self, storage_root: str, model: str, http_port: int, fleet=None):
-        self.root, self.model, self.http_port, self.fleet = storage_root, model, http_port, fleet
+    def __init__(self, storage_root: str, model: str, http_port: int, fleet=None, total: int = 0):
+        self.root, self.model, self.http_port, self.fleet, self.total = storage_root, model, http_port, fleet, total
         self.lock = threading.Lock()
         self.rows: dict[str, dict] = {}
 
@@ -88,9 +89,12 @@ class BatchRun:
             stage = changes.pop("stage", None)
             if stage:
                 row["stages"][stage] = {**row["stages"].get(stage, {}), **changes}
-                log.info("%s %s: %s", uri, stage, changes.get("state"))
             else:
                 row.update(changes)
+            states = [r.get("state") for r in self.rows.values()]
+            done, failed = states.count("done"), states.count("failed")
+            what = f"{stage}: {changes.get('state')}" if stage else changes.get("state")
+            log.info("[%d/%d done, %d failed] %s %s", done, max(self.total, len(self.rows)), failed, uri, what)
             snapshot = dict(row)
         if paths is not None:
             storage.write_json(storage.join(paths.base, "status.json"), snapshot)
@@ -140,7 +144,8 @@ def run_batch(requests: list[str], storage_root: str, model: str = "tiny", max_c
     cpus = ray.cluster_resources().get("CPU", 2)
     if max_concurrent is None:  # default: about one request per two CPUs of the cluster
         max_concurrent = max(1, int(cpus) // 2)
-    batch = BatchRun(storage_root, model, http_port, training_fleet(cpus, min(max_concurrent, len(requests)), storage_root))
+    batch = BatchRun(storage_root, model, http_port, training_fleet(cpus, min(max_concurrent, len(requests)), storage_root),
+                     total=len(requests))
     try:
         with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="request") as pool:
             list(pool.map(batch.run_one, requests))

@@ -1,6 +1,7 @@
 """The specialized classifier's plain-PyTorch parts (no Ray)."""
 
 import copy
+import logging
 
 import numpy as np
 import pytest
@@ -157,7 +158,7 @@ def test_training_failures_name_the_request_and_for_memory_the_settings_to_lower
 
 
 @pytest.mark.parametrize("fails", [False, True])
-def test_batch_expects_a_requests_training_while_it_is_synthesized(tmp_path, monkeypatch, fails):
+def test_batch_expects_training_during_synthesis_and_logs_progress(tmp_path, monkeypatch, caplog, fails):
     from spinml_ray import batch
     from spinml_ray.examples import write_example
 
@@ -179,8 +180,12 @@ def test_batch_expects_a_requests_training_while_it_is_synthesized(tmp_path, mon
             raise RuntimeError("the deployment fell over")
 
     monkeypatch.setattr(batch, "run_request", run_request)
-    run = batch.BatchRun(str(tmp_path / "out"), "tiny", 0, fleet=Fleet())
-    run.run_one(write_example(str(tmp_path / "request")))
+    run = batch.BatchRun(str(tmp_path / "out"), "tiny", 0, fleet=Fleet(), total=3)
+    with caplog.at_level(logging.INFO, logger="spinml_ray.batch"):
+        run.run_one(write_example(str(tmp_path / "request")))
+    progress = [r.getMessage() for r in caplog.records]
+    assert progress[0].startswith("[0/3 done, 0 failed] ") and progress[0].endswith(" running")
+    assert progress[-1].startswith("[0/3 done, 1 failed] " if fails else "[1/3 done, 0 failed] ")
     job = "demo/example-duck"  # the example needs no personalization (its target is not at L2)
     started = ["sanitize", ("expect", job), "synthesize", ("forget", job)]
     assert events == (started if fails else started + ["train"])
