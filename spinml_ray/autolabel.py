@@ -25,11 +25,10 @@ import cv2
 import numpy as np
 
 from spinml_ray.images import box_of_mask, decode_png, decode_rgb
-from spinml_ray.segmentation import MAX_AUTOMATIC_FRACTION, SegmentationError
+from spinml_ray.segmentation import MAX_AUTOMATIC_FRACTION, MIN_PREDICTED_IOU, SegmentationError
 
 MIN_BOX_FRACTION = 0.01
 MAX_BOX_FRACTION = MAX_AUTOMATIC_FRACTION
-MIN_SCORE = 0.88  # SAM's predicted IoU, the threshold its automatic mask generator uses by default
 ATTENTION_THRESHOLD = 0.5  # of the peak
 
 
@@ -89,7 +88,7 @@ def _from_attention(image: np.ndarray, heat: np.ndarray, labeller: Labeller) -> 
         return None
     (x, y), box = prompt
     mask, score = labeller.prompted(image, box=box, points=[[x, y]])
-    return mask if score >= MIN_SCORE and mask[int(y), int(x)] else None
+    return mask if score >= MIN_PREDICTED_IOU and mask[int(y), int(x)] else None
 
 
 def _unprompted(image: np.ndarray, labeller: Labeller) -> np.ndarray | None:

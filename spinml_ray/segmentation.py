@@ -23,6 +23,7 @@ import numpy as np
 
 SAM_CONFIG = "sam.json"
 MAX_AUTOMATIC_FRACTION = 0.9
+MIN_PREDICTED_IOU = 0.88  # SAM's own score of a mask; its automatic mask generator's default
 TINY_SAM = dict(image_size=128, patch_size=16, embed_dim=32, depth=2, num_heads=2, prompt_dim=32, window_size=4)
 
 
@@ -111,7 +112,7 @@ class Segmenter:
     """One loaded SAM (per Ray Data actor, or per device process)."""
 
     def __init__(self, sam_dir: str, device: str | None = None, points_per_side: int = 16,
-                 pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.92):
+                 pred_iou_thresh: float = MIN_PREDICTED_IOU, stability_score_thresh: float = 0.92):
         from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
         self.sam = load_sam(sam_dir, device)
