@@ -115,14 +115,21 @@ def evaluate(model, images: torch.Tensor, targets: torch.Tensor, num_classes: in
     return {"accuracy": accuracy, "per_class_accuracy": per_class, "confusion": confusion.tolist(), "n": len(targets)}
 
 
-def load_image_folder(uri: str, labels: list[str]) -> tuple[list[bytes], list[int]]:
-    """Images from `{uri}/{label}/*.png|jpg|...`, for the labels given (other folders are ignored)."""
-    images, targets = [], []
+def labelled_files(uri: str, labels: list[str]):
+    """(label index, label, file URI) for every image in `{uri}/{label}/`, for the labels given (other
+    folders and non-image files are ignored)."""
     for index, label in enumerate(labels):
         for file in storage.list_files(storage.join(uri, label)):
             if file.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(storage.read_bytes(file))
-                targets.append(index)
+                yield index, label, file
+
+
+def load_image_folder(uri: str, labels: list[str]) -> tuple[list[bytes], list[int]]:
+    """Images from `{uri}/{label}/*.png|jpg|...`, for the labels given (other folders are ignored)."""
+    images, targets = [], []
+    for index, _, file in labelled_files(uri, labels):
+        images.append(storage.read_bytes(file))
+        targets.append(index)
     if not images:
         raise FileNotFoundError(f"{uri}: no test images in folders named after the labels {labels}")
     return images, targets

@@ -17,7 +17,7 @@ from PIL import Image
 
 from spinml_ray import storage
 from spinml_ray.images import decode_rgb
-from spinml_ray.training.classifier import IMAGE_EXTENSIONS, channels_last
+from spinml_ray.training.classifier import channels_last, labelled_files
 
 BOXES_FILE = "boxes.json"
 
@@ -140,19 +140,16 @@ def load_test_set(uri: str, labels: list[str]) -> tuple[list[bytes], list[list[l
     if not isinstance(listed, dict):
         raise ValueError(f"{boxes_uri}: expected a mapping of image path to boxes")
     images, boxes, classes = [], [], []
-    for index, label in enumerate(labels):
-        for file in storage.list_files(storage.join(uri, label)):
-            if not file.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            key = f"{label}/{file.rsplit('/', 1)[-1]}"
-            if key not in listed:
-                raise ValueError(f"{boxes_uri}: no entry for {key!r} (list [] for an image with no object)")
-            image_boxes = listed[key]
-            if not isinstance(image_boxes, list) or not all(_is_box(b) for b in image_boxes):
-                raise ValueError(f"{boxes_uri}: {key!r} = {image_boxes!r}: expected a list of [x0, y0, x1, y1] with x0 < x1, y0 < y1")
-            images.append(storage.read_bytes(file))
-            boxes.append([[float(v) for v in b] for b in image_boxes])
-            classes.append([index] * len(image_boxes))
+    for index, label, file in labelled_files(uri, labels):
+        key = f"{label}/{file.rsplit('/', 1)[-1]}"
+        if key not in listed:
+            raise ValueError(f"{boxes_uri}: no entry for {key!r} (list [] for an image with no object)")
+        image_boxes = listed[key]
+        if not isinstance(image_boxes, list) or not all(_is_box(b) for b in image_boxes):
+            raise ValueError(f"{boxes_uri}: {key!r} = {image_boxes!r}: expected a list of [x0, y0, x1, y1] with x0 < x1, y0 < y1")
+        images.append(storage.read_bytes(file))
+        boxes.append([[float(v) for v in b] for b in image_boxes])
+        classes.append([index] * len(image_boxes))
     if not images:
         raise FileNotFoundError(f"{uri}: no test images in folders named after the labels {labels}")
     return images, boxes, classes
