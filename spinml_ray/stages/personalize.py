@@ -22,6 +22,7 @@ import torch
 from spinml_ray import storage
 from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, LoraTrainer, target_crops
 from spinml_ray.spec import Level, RequestSpec
+from spinml_ray.stages import unwrapped
 from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key, training_failure
 from spinml_ray.synthesis.plan import image_seed
 from spinml_ray.synthesis.workitems import WorkItem
@@ -34,10 +35,6 @@ def settings_for(spec: RequestSpec) -> dict:
     p = spec.personalization
     return {**p.model_dump(), "class_noun": p.class_noun or spec.subject,
             "resolution": p.resolution or spec.synthesis.resolution}
-
-
-def _plain(module):
-    return module.module if hasattr(module, "module") else module
 
 
 def _settings_key(config: dict) -> str:
@@ -64,7 +61,7 @@ def personalize_loop(config: dict) -> None:
     initial_loss, resumed_from = None, 0
     state = latest_state(config["state_uri"], _settings_key(config), STATE_FILE, device)
     if state:
-        original, trainer.unet = trainer.unet, _plain(trainer.unet)
+        original, trainer.unet = trainer.unet, unwrapped(trainer.unet)
         trainer.load_lora_state(state["lora"])
         trainer.unet = original
         optimizer.load_state_dict(state["optimizer"])
@@ -86,7 +83,7 @@ def personalize_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if rank == 0:
-                plain_unet, trainer.unet = trainer.unet, _plain(trainer.unet)
+                plain_unet, trainer.unet = trainer.unet, unwrapped(trainer.unet)
                 if last:
                     metrics["steps_per_s"] = (trainer.step - first_step) / (time.perf_counter() - started)
                     metrics["final_loss"] = trainer.fixed_loss()

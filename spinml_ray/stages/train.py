@@ -14,7 +14,6 @@ validation split, and the metrics say which), and `model/` receives `model.pt`, 
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 import time
 
@@ -22,6 +21,7 @@ import torch
 
 from spinml_ray import storage
 from spinml_ray.spec import RequestSpec
+from spinml_ray.stages import unwrapped
 from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key, training_failure
 from spinml_ray.training import classifier, detector
 from spinml_ray.training.classifier import images_to_uint8, pretrained_weights, split_train_val, state_dict_bytes
@@ -90,7 +90,7 @@ def fit(config: dict) -> dict:
     loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     device = ray.train.torch.get_device()
-    plain = model.module if hasattr(model, "module") else model
+    plain = unwrapped(model)
     rank = ray.train.get_context().get_world_rank()
     key = state_key({k: v for k, v in config.items() if k not in RUN_ONLY})
     state = latest_state(config["state_uri"], key, STATE_FILE, str(device))
