@@ -151,8 +151,7 @@ class TrainingFleet:
         """Train one job (a `stages.train` config) in a slot; raises RuntimeError with its error."""
         with self.lock:
             ray.get(self.board.put.remote(job_id, config))
-            if len(self.live) < self.max_slots:
-                self._start_slot()
+            self._start_slot_if_room()
         error = ray.get(self.board.outcome.remote(job_id))
         if error is not None:
             raise RuntimeError(error)
@@ -162,8 +161,7 @@ class TrainingFleet:
         and keep idle slots until `forget` (so the slot's start-up overlaps the synthesis)."""
         with self.lock:
             ray.get(self.board.expect.remote(job_id))
-            if len(self.live) < self.max_slots:
-                self._start_slot()
+            self._start_slot_if_room()
 
     def forget(self, job_id: str) -> None:
         """The job's synthesis ended (done or failed): idle slots leave `idle_s` after this."""
@@ -172,18 +170,22 @@ class TrainingFleet:
     def start(self, timeout_s: float = 300) -> None:
         """Start every slot now and wait until all are ready for work (they still leave after idle_s)."""
         with self.lock:
-            while len(self.live) < self.max_slots:
-                self._start_slot()
+            while self._start_slot_if_room():
+                pass
         deadline = time.time() + timeout_s
         while ray.get(self.board.started_count.remote()) < self.max_slots:
             if time.time() > deadline:
                 raise TimeoutError(f"the training fleet's {self.max_slots} slots did not start in {timeout_s} s")
             time.sleep(0.2)
 
-    def _start_slot(self) -> None:
+    def _start_slot_if_room(self) -> bool:
+        """Start one more slot unless all `slots` are live (call with `lock` held); whether it did."""
+        if len(self.live) >= self.max_slots:
+            return False
         slot = next(i for i in range(self.max_slots) if i not in self.live)
         self.live[slot] = threading.Thread(target=self._run_slot, args=(slot,), name=f"fleet-slot-{slot}")
         self.live[slot].start()
+        return True
 
     def _run_slot(self, slot: int) -> None:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
