@@ -68,7 +68,7 @@ def sanitized_rows(scenes, target, background, refs=REFS, images=None):
 
 def plan(scenes, target="L1", background="L0", alpha=0.0, n=4, seed=0, refs=REFS, images=None):
     spec = make_spec(target, background, alpha, n, seed, labels=refs)
-    return plan_work_items(spec, sanitized_rows(scenes, target, background, refs, images))
+    return plan_work_items(spec, index_bundle(sanitized_rows(scenes, target, background, refs, images)))
 
 
 def resized_mask(mask, size=RESOLUTION):
@@ -171,14 +171,14 @@ def test_l0_l0_config_ignores_alpha(scenes):
 
 def test_alpha_one_needs_no_references():
     spec = make_spec("L2", "L1", alpha=1.0, n=3)
-    items = plan_work_items(spec, [])
+    items = plan_work_items(spec, {})
     assert len(items) == 6 and all(i.pool == L0_L0 for i in items)
 
 
 def test_references_required_when_a_pool_needs_them():
     spec = make_spec("L2", "L1", alpha=0.0, n=3)
     with pytest.raises(ValueError, match="L2_L1"):
-        plan_work_items(spec, [])
+        plan_work_items(spec, {})
 
 
 # ---------------------------------------------------------------- seeds and ids

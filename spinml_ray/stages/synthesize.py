@@ -56,8 +56,8 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
 
     sanitized = storage.read_committed_table(paths.sanitized).to_pylist()
     adapter, token = adapter_for(paths)
-    items = plan_work_items(spec, sanitized, adapter, token)
     by_ref = index_bundle(sanitized)
+    items = plan_work_items(spec, by_ref, adapter, token)
     boxes = {ref: geometry_box(rows["target"], rows["background"], spec.synthesis.resolution)
              for ref, rows in by_ref.items()}
     if spec.task == "detection":  # where no geometry places the subject, ask where the model drew it

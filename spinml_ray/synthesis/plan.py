@@ -128,10 +128,10 @@ def plan_label(request_id: str, tenant: str, subject: str, label: LabelSpec, pri
     return items
 
 
-def plan_work_items(spec: RequestSpec, sanitized: list[dict], adapter: str | None = None,
+def plan_work_items(spec: RequestSpec, by_ref: dict[str, dict[str, dict]], adapter: str | None = None,
                     token: str | None = None) -> list[WorkItem]:
-    """Every synthetic image the request needs, with its prompt, seed and conditioning."""
-    by_ref = index_bundle(sanitized)
+    """Every synthetic image the request needs, with its prompt, seed and conditioning, from the
+    sanitized bundle indexed by reference (`index_bundle`)."""
     return [
         item
         for label in spec.labels
