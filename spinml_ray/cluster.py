@@ -26,7 +26,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     # Without this Ray binds its ports to the machine's external address; a local run stays on loopback.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    # The dashboard also serves Ray's state API: without it Ray Train's placement-group cleaner cannot
+    # see whether a trainer's controller died (and says so in the job's log every second).
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             **kwargs)
 
 
 def cluster_has_gpus() -> bool:

@@ -83,3 +83,28 @@ def test_an_expected_job_keeps_its_slot_until_synthesis_ends(ray_cluster, tmp_pa
             time.sleep(0.2)
     finally:
         fleet.close()
+
+
+def test_the_local_cluster_serves_the_state_api_and_listens_on_loopback_only(ray_cluster):
+    """Ray Train's placement-group cleaner asks Ray's state API whether a trainer's controller still
+    lives: the embedded cluster serves it (through its dashboard), and every port it opens is on loopback."""
+    import psutil
+    from ray.util.state import list_actors
+
+    from spinml_ray.fleet import JobBoard
+
+    board = JobBoard.remote()
+    ray_cluster.get(board.pending_count.remote())
+    assert list_actors(filters=[("class_name", "=", "JobBoard"), ("state", "=", "ALIVE")])
+    ray_processes = psutil.Process().children(recursive=True)
+    assert any("dashboard" in " ".join(p.cmdline()) for p in ray_processes)
+    listening = {(p.name(), c.laddr.ip) for p in ray_processes for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN}
+    assert listening and all(_loopback(ip) for _, ip in listening), listening
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
