@@ -46,12 +46,15 @@ def list_requests(source: str) -> list[str]:
     return found
 
 
-def _complete(spec, paths: storage.RequestPaths, stage: str) -> bool:
+def _skipped(spec, paths: storage.RequestPaths, stage: str) -> str | None:
+    """Why `stage` does not run for this request (its state in the status table), or None if it must."""
+    if stage == "personalize" and spec.privacy.target.value != "L2":
+        return "skipped (no L2 target)"
+    if stage == "personalize" and not spec.personalization.enabled:
+        return "skipped (personalization off)"
     directory = {"sanitize": paths.sanitized, "personalize": paths.adapters, "synthesize": paths.synthetic,
                  "train": paths.model}[stage]
-    if stage == "personalize" and (spec.privacy.target.value != "L2" or not spec.personalization.enabled):
-        return True
-    return storage.read_manifest(directory) is not None
+    return "done (already complete)" if storage.read_manifest(directory) is not None else None
 
 
 def training_cpus(cluster_cpus: float, concurrent: int, reserved: float = 0) -> int:
@@ -108,8 +111,8 @@ class BatchRun:
         paths = request_paths(spec, self.root)
         self._update(uri, paths, request_id=spec.request_id, tenant=spec.tenant, state="running", error=None)
         for stage in STAGES:
-            if _complete(spec, paths, stage):
-                self._update(uri, paths, stage=stage, state="done (already complete)")
+            if skipped := _skipped(spec, paths, stage):
+                self._update(uri, paths, stage=stage, state=skipped)
                 continue
             self._update(uri, paths, stage=stage, state="running")
             started = time.time()

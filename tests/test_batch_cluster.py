@@ -54,7 +54,7 @@ def test_a_manifest_of_mixed_requests_and_its_rerun(tmp_path, synthesis, http_po
     for name in ("good-l1", "with-broken"):
         status = storage.read_json(os.path.join(root, "demo", name, "status.json"))
         assert status["state"] == "done" and status["stages"]["train"]["state"] == "done"
-        assert status["stages"]["personalize"]["state"] == "done (already complete)"  # no L2 target: nothing to do
+        assert status["stages"]["personalize"]["state"] == "skipped (no L2 target)"
         assert storage.read_json(os.path.join(root, "demo", name, "model", "metrics.json"))["n"] == 8
     assert storage.read_json(os.path.join(root, "_batches", "first.json"))[0]["request"] == good
     committed = {p: os.path.getmtime(p) for p in storage.list_files(root, recursive=True) if p.endswith("_SUCCESS.json")}
@@ -62,7 +62,9 @@ def test_a_manifest_of_mixed_requests_and_its_rerun(tmp_path, synthesis, http_po
     again = run_batch(requests, root, max_concurrent=2, name="second", http_port=http_port)  # all skipped
     for row in again[:2]:
         assert row["state"] == "done"
-        assert all(info["state"] == "done (already complete)" for info in row["stages"].values())
+        assert {stage: info["state"] for stage, info in row["stages"].items()} == {
+            "sanitize": "done (already complete)", "personalize": "skipped (no L2 target)",
+            "synthesize": "done (already complete)", "train": "done (already complete)"}
     assert {p: os.path.getmtime(p) for p in committed} == committed  # nothing generated or trained twice
     table = format_summary(again)
     assert "good-l1" in table and "failed" in table

@@ -189,7 +189,27 @@ def test_batch_expects_training_during_synthesis_and_logs_progress(tmp_path, mon
     job = "demo/example-duck"  # the example needs no personalization (its target is not at L2)
     started = ["sanitize", ("expect", job), "synthesize", ("forget", job)]
     assert events == (started if fails else started + ["train"])
-    assert run.rows[next(iter(run.rows))]["state"] == ("failed" if fails else "done")
+    row = run.rows[next(iter(run.rows))]
+    assert row["state"] == ("failed" if fails else "done")
+    assert row["stages"]["personalize"]["state"] == "skipped (no L2 target)"
+
+
+def test_batch_says_why_a_stage_is_skipped(tmp_path):
+    from spinml_ray import storage
+    from spinml_ray.batch import _skipped
+    from spinml_ray.examples import write_example
+    from spinml_ray.pipeline import request_paths
+    from spinml_ray.spec import load_request, parse_request
+
+    spec = load_request(write_example(str(tmp_path / "request")))
+    paths = request_paths(spec, str(tmp_path / "out"))
+    l2 = parse_request({**spec.model_dump(mode="json"), "privacy": {"target": "L2", "background": "L0"}})
+    off = parse_request({**l2.model_dump(mode="json"), "personalization": {"enabled": False}})
+    assert _skipped(spec, paths, "personalize") == "skipped (no L2 target)"
+    assert _skipped(off, paths, "personalize") == "skipped (personalization off)"
+    assert _skipped(l2, paths, "personalize") is None and _skipped(spec, paths, "sanitize") is None
+    storage.commit(paths.sanitized, [])
+    assert _skipped(spec, paths, "sanitize") == "done (already complete)"
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18", "ssdlite320_mobilenet_v3_large"])
