@@ -86,15 +86,21 @@ def test_image_folder_reads_only_label_folders(tmp_path):
 def test_exported_models_match_pytorch(arch):
     import io
 
-    from spinml_ray.training.export import onnx_logits, to_onnx, to_torchscript
+    import warnings
+
+    from spinml_ray.training.export import export, onnx_logits
 
     torch.manual_seed(0)
     model = build_model(arch, 3).eval()
     batch = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         expected = model(batch).numpy()
-    assert np.allclose(onnx_logits(to_onnx(model, 64), batch.numpy()), expected, atol=1e-4)  # any batch size
-    scripted = torch.jit.load(io.BytesIO(to_torchscript(model, 64)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        onnx, torchscript = export("classification", model, 64)
+    assert not [w for w in caught if "torch.jit" in str(w.message)]  # no deprecation noise per model in the log
+    assert np.allclose(onnx_logits(onnx, batch.numpy()), expected, atol=1e-4)  # any batch size
+    scripted = torch.jit.load(io.BytesIO(torchscript))
     with torch.no_grad():
         assert np.allclose(scripted(batch).numpy(), expected, atol=1e-5)
 

@@ -82,8 +82,12 @@ _EXPORTING = threading.Lock()
 
 
 def export(task: str, model: torch.nn.Module, image_size: int) -> tuple[bytes, bytes]:
-    """(ONNX bytes, TorchScript bytes) of a trained model of `task`; one export at a time per process."""
-    with _EXPORTING:
+    """(ONNX bytes, TorchScript bytes) of a trained model of `task`; one export at a time per process.
+
+    torch 2.14 marks TorchScript deprecated and warns on every trace, script and save; it is still
+    what on-device PyTorch runtimes load, so the batch job's log is spared the three warnings per model."""
+    with _EXPORTING, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
         if task == "detection":
             return detector_to_onnx(model, image_size), detector_to_torchscript(model)
         return to_onnx(model, image_size), to_torchscript(model, image_size)
