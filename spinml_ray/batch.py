@@ -64,15 +64,17 @@ def training_cpus(cluster_cpus: float, concurrent: int, reserved: float = 0) -> 
 
 
 def training_fleet(cluster_cpus: float, concurrent: int, storage_root: str):
-    """The batch's training fleet: a slot per concurrent request, each with its share of the GPUs
-    (`TrainingSpec.gpu_fraction`) or of the CPUs the synthesis replica leaves; never more slots than
-    those CPUs hold, so a slot never waits on resources that other stages hold."""
-    from spinml_ray.cluster import cluster_has_gpus
+    """The batch's training fleet: a slot per concurrent request, each with a share of a GPU
+    (`TrainingSpec.gpu_fraction`) or of the CPUs, out of what the synthesis replica leaves; never more
+    slots than that holds, so a slot never waits on resources that the service keeps for the whole job."""
+    from spinml_ray.cluster import cluster_gpus, synthesis_gpu_share
     from spinml_ray.fleet import TrainingFleet
     from spinml_ray.spec import TrainingSpec
 
-    if cluster_has_gpus():
-        return TrainingFleet(concurrent, use_gpu=True, gpu_fraction=TrainingSpec().gpu_fraction,
+    if gpus := cluster_gpus():
+        share = TrainingSpec().gpu_fraction
+        room = int((gpus - synthesis_gpu_share(gpus)) / share + 1e-9)  # shares left beside the synthesis replica
+        return TrainingFleet(max(1, min(concurrent, room)), use_gpu=True, gpu_fraction=share,
                              runs_uri=storage.join(storage_root, "_fleet"))
     serving = 1  # the synthesis replica holds a CPU on CPU-only clusters
     cpus = training_cpus(cluster_cpus, concurrent, reserved=serving)

@@ -33,6 +33,16 @@ def _ints(text: str, count: int, name: str) -> tuple[int, ...]:
     return values
 
 
+def _gpu_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"--gpus-per-replica must be a number of GPUs from 0 to 8, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,7 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--num-cpus", type=int, default=None)
     serve_cmd.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to serve other machines)")
     serve_cmd.add_argument("--http-port", type=int, default=8000)
-    serve_cmd.add_argument("--replicas", type=int, default=1, help="diffusion replicas (one GPU each on GPU clusters)")
+    serve_cmd.add_argument("--replicas", type=int, default=1, help="diffusion replicas")
+    serve_cmd.add_argument("--gpus-per-replica", type=_gpu_share, default=None,
+                           help="GPU share per diffusion replica (default: 1 on clusters with two or more GPUs, "
+                                "0.5 on a one-GPU machine so that training fits beside it; 0 on CPU clusters)")
     serve_cmd.add_argument("--autoscale", type=lambda t: _ints(t, 2, "--autoscale"), default=None,
                            help="MIN,MAX replicas: autoscale instead of --replicas")
     serve_cmd.add_argument("--max-batch-size", type=int, default=8)
@@ -141,7 +154,7 @@ def _serve(args) -> int:
 
     from ray import serve
 
-    from spinml_ray.cluster import cluster_has_gpus, connect
+    from spinml_ray.cluster import cluster_gpus, connect, synthesis_gpu_share
     from spinml_ray.synthesis.service import APP_NAME, ROUTE_PREFIX, build_app
 
     connect(args.address, num_cpus=args.num_cpus)
@@ -151,7 +164,8 @@ def _serve(args) -> int:
         autoscaling = {"min_replicas": args.autoscale[0], "max_replicas": args.autoscale[1],
                        "target_ongoing_requests": 2 * args.max_batch_size}
     serve.run(build_app(args.model, args.controlnet, storage_root=args.storage, num_replicas=args.replicas,
-                        gpus_per_replica=1 if cluster_has_gpus() else 0, max_batch_size=args.max_batch_size,
+                        gpus_per_replica=synthesis_gpu_share(cluster_gpus()) if args.gpus_per_replica is None
+                        else args.gpus_per_replica, max_batch_size=args.max_batch_size,
                         batch_wait_timeout_s=args.batch_wait_s, autoscaling=autoscaling,
                         max_pending_images=args.max_pending_images), name=APP_NAME, route_prefix=ROUTE_PREFIX)
     print(f"synthesis API: http://{args.host}:{args.http_port}{ROUTE_PREFIX}/v1/generate (GET {ROUTE_PREFIX}/healthz)")

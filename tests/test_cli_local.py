@@ -309,3 +309,12 @@ def test_preview_of_a_missing_request_is_refused(tmp_path, capsys):
     line = assert_refused(capsys, code, out)
     assert "missing.yaml" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("share", ["-1", "lots", "9"])
+def test_bad_gpu_share_for_the_synthesis_service_is_a_usage_error(share, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--gpus-per-replica", share])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--gpus-per-replica" in err and share in err and "Traceback" not in err

@@ -200,6 +200,28 @@ def test_batch_expects_training_during_synthesis_and_logs_progress(tmp_path, mon
     assert row["stages"]["personalize"]["state"] == "skipped (no L2 target)"
 
 
+@pytest.mark.parametrize("gpus, synthesis, slots", [(0, 0.0, None), (1, 0.5, 2), (2, 1.0, 4), (8, 1.0, 8)])
+def test_gpu_shares_leave_room_beside_the_synthesis_replica(monkeypatch, tmp_path, gpus, synthesis, slots):
+    """On a one-GPU machine the synthesis replica takes half the card, so the training fleet (and
+    personalization, 0.5 of a GPU) still fit beside it; slots never ask for more than is left."""
+    import types
+
+    from spinml_ray import batch, cluster
+    from spinml_ray.spec import PersonalizationSpec, TrainingSpec
+
+    assert cluster.synthesis_gpu_share(gpus) == synthesis
+    monkeypatch.setattr(cluster, "cluster_gpus", lambda: gpus)
+    monkeypatch.setattr("spinml_ray.fleet.JobBoard", types.SimpleNamespace(remote=lambda: None))  # no Ray here
+    fleet = batch.training_fleet(cluster_cpus=16, concurrent=8, storage_root=str(tmp_path))
+    if not gpus:
+        assert not fleet.use_gpu
+        return
+    share = TrainingSpec().gpu_fraction
+    assert fleet.use_gpu and fleet.gpu_fraction == share and fleet.max_slots == slots
+    assert synthesis + fleet.max_slots * share <= gpus
+    assert synthesis + PersonalizationSpec().gpu_fraction <= gpus
+
+
 def test_batch_says_why_a_stage_is_skipped(tmp_path):
     from spinml_ray import storage
     from spinml_ray.batch import _skipped

@@ -212,7 +212,7 @@ def ensure_running(model: str = "tiny", controlnet: Optional[str] = None, http_h
     """(diffusion handle, started): reuse the running synthesis app, or deploy one (started=True).
 
     Serialised within the process, so concurrent requests of a batch job never deploy it twice."""
-    from spinml_ray.cluster import cluster_has_gpus
+    from spinml_ray.cluster import cluster_gpus, synthesis_gpu_share
 
     with _DEPLOY_LOCK:
         try:
@@ -222,6 +222,6 @@ def ensure_running(model: str = "tiny", controlnet: Optional[str] = None, http_h
         started = status is None or not str(status.status).endswith("RUNNING")
         if started:
             serve.start(http_options={"host": http_host, "port": http_port})
-            app_options.setdefault("gpus_per_replica", 1 if cluster_has_gpus() else 0)
+            app_options.setdefault("gpus_per_replica", synthesis_gpu_share(cluster_gpus()))
             serve.run(build_app(model, controlnet, **app_options), name=APP_NAME, route_prefix=ROUTE_PREFIX)
     return serve.get_deployment_handle("DiffusionDeployment", app_name=APP_NAME), started
