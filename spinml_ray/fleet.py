@@ -142,6 +142,7 @@ class TrainingFleet:
         self.board = JobBoard.remote()
         self.lock = threading.Lock()
         self.live: dict[int, threading.Thread] = {}
+        self.starts = 0  # slot runs started (a restarted worker stays within its run)
 
     def fits(self, num_workers: int, gpu_fraction: float) -> bool:
         """Whether a training of this shape runs in a slot (else it gets a `TorchTrainer` of its own)."""
@@ -193,6 +194,9 @@ class TrainingFleet:
 
         fs, runs_path = storage.filesystem(self.runs_uri)
         while True:
+            name = f"slot-{slot}-{time.time_ns()}"
+            with self.lock:
+                self.starts += 1
             trainer = TorchTrainer(
                 slot_loop,
                 train_loop_config={"board": self.board, "slot": slot, "idle_s": self.idle_s,
@@ -200,13 +204,15 @@ class TrainingFleet:
                 scaling_config=ScalingConfig(num_workers=1, use_gpu=self.use_gpu,
                                              resources_per_worker={"GPU": self.gpu_fraction} if self.use_gpu
                                              else {"CPU": self.cpus}),
-                run_config=RunConfig(name=f"slot-{slot}-{time.time_ns()}", storage_path=runs_path,
+                run_config=RunConfig(name=name, storage_path=runs_path,
                                      storage_filesystem=fs, failure_config=FailureConfig(max_failures=self.max_failures)),
             )
             try:
                 trainer.fit()
             except Exception as exc:  # the slot gave up (its worker kept dying): its job fails, not the others
                 ray.get(self.board.fail_slot.remote(slot, f"training worker failed: {exc}"))
+            finally:  # the slot's run holds nothing once it ends (each job keeps its state with its request)
+                storage.delete_dir(storage.join(self.runs_uri, name))
             with self.lock:  # leave only when no job waits (a job put meanwhile would find no slot)
                 if ray.get(self.board.pending_count.remote()) == 0:
                     del self.live[slot]

@@ -139,6 +139,13 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
 
 
+def delete_dir(uri: str) -> None:
+    """Remove a directory (an S3 prefix) and everything under it, if it exists."""
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def write_json(uri: str, value) -> None:
     write_bytes(uri, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 

@@ -353,3 +353,15 @@ def test_upload_dir_creates_a_missing_local_destination(tmp_path):
     destination = tmp_path / "not" / "yet" / "there"
     storage.upload_dir(str(source), str(destination))
     assert (destination / "a.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_delete_dir_removes_only_that_tree(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_prefix")
+    for name in ("run/a.bin", "run/sub/b.bin", "runs-kept/c.bin"):
+        storage.write_bytes(storage.join(root, name), b"x")
+    storage.delete_dir(storage.join(root, "run"))
+    assert storage.list_files(root, recursive=True) == [storage.join(root, "runs-kept", "c.bin")]
+    storage.delete_dir(storage.join(root, "run"))  # gone already: nothing to do
+    storage.delete_dir(storage.join(root, "runs-kept", "c.bin"))  # a file is not a directory: kept
+    assert storage.exists(storage.join(root, "runs-kept", "c.bin"))
