@@ -163,9 +163,9 @@ def _serve(args) -> int:
     if args.autoscale:
         autoscaling = {"min_replicas": args.autoscale[0], "max_replicas": args.autoscale[1],
                        "target_ongoing_requests": 2 * args.max_batch_size}
+    gpus = synthesis_gpu_share(cluster_gpus()) if args.gpus_per_replica is None else args.gpus_per_replica
     serve.run(build_app(args.model, args.controlnet, storage_root=args.storage, num_replicas=args.replicas,
-                        gpus_per_replica=synthesis_gpu_share(cluster_gpus()) if args.gpus_per_replica is None
-                        else args.gpus_per_replica, max_batch_size=args.max_batch_size,
+                        gpus_per_replica=gpus, max_batch_size=args.max_batch_size,
                         batch_wait_timeout_s=args.batch_wait_s, autoscaling=autoscaling,
                         max_pending_images=args.max_pending_images), name=APP_NAME, route_prefix=ROUTE_PREFIX)
     print(f"synthesis API: http://{args.host}:{args.http_port}{ROUTE_PREFIX}/v1/generate (GET {ROUTE_PREFIX}/healthz)")
