@@ -16,6 +16,7 @@ with a summary table, also stored as `_batches/{name}.json`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -121,11 +122,14 @@ class BatchRun:
             job = f"{spec.tenant}/{spec.request_id}"
             warm = (stage == "synthesize" and self.fleet is not None
                     and self.fleet.fits(spec.training.num_workers, spec.training.gpu_fraction))
+            # personalization trains outside the fleet, on the resources idle slots would hold
+            room = self.fleet.making_room() if stage == "personalize" and self.fleet else contextlib.nullcontext()
             try:
                 if warm:  # a slot starts for this request's training while it is synthesized
                     self.fleet.expect(job)
-                run_request(uri, self.root, model=self.model, stages=(stage,), keep_serving=True,
-                            http_port=self.http_port, fleet=self.fleet)
+                with room:
+                    run_request(uri, self.root, model=self.model, stages=(stage,), keep_serving=True,
+                                http_port=self.http_port, fleet=self.fleet)
             except Exception as exc:
                 self._update(uri, paths, stage=stage, state="failed", seconds=round(time.time() - started, 2),
                              error=str(exc))

@@ -15,12 +15,15 @@ Slots leave after `idle_s` without work, so their CPUs go back to the other stag
 `expect`s each request's training while the request is synthesized: a slot starts then, and idle
 slots stay while a job is expected, so the start-up overlaps synthesis instead of delaying training.
 (An expectation ends with synthesis, before the request's other Ray work, e.g. detection's labelling,
-could wait for the CPUs an idle slot holds.)
+could wait for the CPUs an idle slot holds.) A request's personalization, which runs before its
+synthesis and asks for the same kind of resources, runs `making_room`: idle slots leave for it, so
+it does not wait for every other request's synthesis to end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -40,6 +43,7 @@ class JobBoard:
         self.expected: set[str] = set()  # jobs whose requests are being synthesized: slots wait for them
         self.forgotten_at = 0.0  # when the last expectation ended (idle slots count from then)
         self.closed = False
+        self.making_room = 0  # Ray work outside the fleet waiting for resources: idle slots leave for it
         self.started: set[int] = set()  # slots whose loop has asked for work at least once
         self.changed = asyncio.Condition()
 
@@ -59,15 +63,22 @@ class JobBoard:
             self.forgotten_at = asyncio.get_running_loop().time()
             self.changed.notify_all()
 
+    async def make_room(self, delta: int) -> None:
+        async with self.changed:
+            self.making_room += delta
+            self.changed.notify_all()
+
     async def take(self, slot: int, idle_s: float):
         """The slot's unfinished job (after a restart), else the next pending one; None once the slot
-        has been idle for `idle_s` with no job pending or expected."""
+        has been idle for `idle_s` with no job pending or expected, or at once while room is wanted."""
         clock = asyncio.get_running_loop().time
         async with self.changed:
             self.started.add(slot)
             if slot not in self.running:
                 idle_since = clock()
                 while not (self.pending or self.closed):
+                    if self.making_room:
+                        return None
                     idle_since = clock() if self.expected else max(idle_since, self.forgotten_at)
                     remaining = idle_since + idle_s - clock()
                     if remaining <= 0:
@@ -143,6 +154,7 @@ class TrainingFleet:
         self.lock = threading.Lock()
         self.live: dict[int, threading.Thread] = {}
         self.starts = 0  # slot runs started (a restarted worker stays within its run)
+        self.room_wanted = 0  # `making_room` blocks open now
 
     def fits(self, num_workers: int, gpu_fraction: float) -> bool:
         """Whether a training of this shape runs in a slot (else it gets a `TorchTrainer` of its own)."""
@@ -162,7 +174,23 @@ class TrainingFleet:
         and keep idle slots until `forget` (so the slot's start-up overlaps the synthesis)."""
         with self.lock:
             ray.get(self.board.expect.remote(job_id))
-            self._start_slot_if_room()
+            if not self.room_wanted:  # a slot started now would leave at once
+                self._start_slot_if_room()
+
+    @contextlib.contextmanager
+    def making_room(self):
+        """For Ray work outside the fleet that needs the resources slots hold (a request's
+        personalization): meanwhile idle slots leave, even for expected jobs, and `expect` starts
+        none; a job put meanwhile still gets a slot, which leaves once the job is done."""
+        with self.lock:
+            self.room_wanted += 1
+        ray.get(self.board.make_room.remote(1))
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.room_wanted -= 1
+            ray.get(self.board.make_room.remote(-1))
 
     def forget(self, job_id: str) -> None:
         """The job's synthesis ended (done or failed): idle slots leave `idle_s` after this."""

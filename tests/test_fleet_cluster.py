@@ -86,6 +86,39 @@ def test_an_expected_job_keeps_its_slot_until_synthesis_ends(ray_cluster, tmp_pa
         fleet.close()
 
 
+def test_idle_slots_leave_while_room_is_made_and_jobs_still_train(ray_cluster, tmp_path):
+    """A request's personalization needs the resources idle slots hold: while room is made, an idle
+    slot leaves although a job is expected, `expect` starts no slot, and a job put meanwhile still
+    gets one (here a job with no data: its error comes back from the slot)."""
+    import time
+
+    import ray
+
+    from spinml_ray.fleet import TrainingFleet
+
+    fleet = TrainingFleet(1, cpus_per_slot=1, runs_uri=str(tmp_path / "runs"), idle_s=60)
+
+    def wait_until(condition, what):
+        deadline = time.time() + 120
+        while not condition():
+            assert time.time() < deadline, what
+            time.sleep(0.2)
+
+    try:
+        fleet.expect("t/a")
+        wait_until(lambda: ray.get(fleet.board.started_count.remote()) == 1, "the expected job's slot did not start")
+        with fleet.making_room():
+            wait_until(lambda: not fleet.live, "the idle slot did not leave to make room")  # long before idle_s
+            fleet.expect("t/b")
+            assert not fleet.live and fleet.starts == 1
+            with pytest.raises(RuntimeError):  # the slot's error for this job, so a slot ran it
+                fleet.train("t/c", {"synthetic": str(tmp_path / "missing" / "synthetic")})
+            wait_until(lambda: not fleet.live, "the slot did not leave after its job")
+        assert fleet.starts == 2
+    finally:
+        fleet.close()
+
+
 def test_the_local_cluster_serves_the_state_api_and_listens_on_loopback_only(ray_cluster):
     """Ray Train's placement-group cleaner asks Ray's state API whether a trainer's controller still
     lives: the embedded cluster serves it (through its dashboard), and the ports it opens are on loopback."""

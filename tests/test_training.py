@@ -200,6 +200,43 @@ def test_batch_expects_training_during_synthesis_and_logs_progress(tmp_path, mon
     assert row["stages"]["personalize"]["state"] == "skipped (no L2 target)"
 
 
+def test_batch_makes_room_in_the_fleet_while_a_request_personalizes(tmp_path, monkeypatch):
+    import contextlib
+
+    import yaml
+
+    from spinml_ray import batch
+    from spinml_ray.examples import write_example
+
+    events = []
+
+    class Fleet:
+        def fits(self, num_workers, gpu_fraction):
+            return True
+
+        def expect(self, job):
+            events.append("expect")
+
+        def forget(self, job):
+            events.append("forget")
+
+        @contextlib.contextmanager
+        def making_room(self):
+            events.append("room wanted")
+            yield
+            events.append("room given back")
+
+    uri = write_example(str(tmp_path / "request"))
+    document = yaml.safe_load(open(uri))
+    document["privacy"]["target"] = "L2"  # personalization on (the default)
+    with open(uri, "w") as handle:
+        yaml.safe_dump(document, handle)
+    monkeypatch.setattr(batch, "run_request", lambda uri, root, stages, **kwargs: events.append(stages[0]))
+    batch.BatchRun(str(tmp_path / "out"), "tiny", 0, fleet=Fleet(), total=1).run_one(uri)
+    assert events == ["sanitize", "room wanted", "personalize", "room given back", "expect", "synthesize", "forget",
+                      "train"]
+
+
 @pytest.mark.parametrize("gpus, synthesis, slots", [(0, 0.0, None), (1, 0.5, 2), (2, 1.0, 4), (8, 1.0, 8)])
 def test_gpu_shares_leave_room_beside_the_synthesis_replica(monkeypatch, tmp_path, gpus, synthesis, slots):
     """On a one-GPU machine the synthesis replica takes half the card, so the training fleet (and
