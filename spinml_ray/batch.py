@@ -49,10 +49,8 @@ def list_requests(source: str) -> list[str]:
 
 def _skipped(spec, paths: storage.RequestPaths, stage: str) -> str | None:
     """Why `stage` does not run for this request (its state in the status table), or None if it must."""
-    if stage == "personalize" and spec.privacy.target.value != "L2":
-        return "skipped (no L2 target)"
-    if stage == "personalize" and not spec.personalization.enabled:
-        return "skipped (personalization off)"
+    if stage == "personalize" and spec.unpersonalized:
+        return f"skipped ({spec.unpersonalized})"
     directory = {"sanitize": paths.sanitized, "personalize": paths.adapters, "synthesize": paths.synthetic,
                  "train": paths.model}[stage]
     return "done (already complete)" if storage.read_manifest(directory) is not None else None

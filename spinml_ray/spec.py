@@ -205,6 +205,16 @@ class RequestSpec(_Strict):
     def label_names(self) -> list[str]:
         return [label.name for label in self.labels]
 
+    @property
+    def unpersonalized(self) -> str | None:
+        """Why the request gets no adapter (personalization only trains on a target released at L2),
+        or None when it gets one."""
+        if not self.personalization.enabled:
+            return "personalization off"
+        if self.privacy.target != Level.L2:
+            return f"target released at {self.privacy.target.value}, not L2"
+        return None
+
 
 def _describe(error: dict, document: dict) -> str:
     loc = ".".join(str(part) for part in error["loc"]) or "(request)"

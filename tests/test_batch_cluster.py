@@ -51,19 +51,20 @@ def test_a_manifest_of_mixed_requests_and_its_rerun(tmp_path, synthesis, http_po
     assert states[impossible]["state"] == "failed" and "resolution" in states[impossible]["error"]
     rejections = storage.read_table(os.path.join(root, "demo", "with-broken", "sanitized", "rejections.parquet"))
     assert rejections.column("uri").to_pylist() == [os.path.join(example, "references", "broken.png")]
-    for name in ("good-l1", "with-broken"):
+    targets = {"good-l1": "L1", "with-broken": "L0"}
+    for name, target in targets.items():
         status = storage.read_json(os.path.join(root, "demo", name, "status.json"))
         assert status["state"] == "done" and status["stages"]["train"]["state"] == "done"
-        assert status["stages"]["personalize"]["state"] == "skipped (no L2 target)"
+        assert status["stages"]["personalize"]["state"] == f"skipped (target released at {target}, not L2)"
         assert storage.read_json(os.path.join(root, "demo", name, "model", "metrics.json"))["n"] == 8
     assert storage.read_json(os.path.join(root, "_batches", "first.json"))[0]["request"] == good
     committed = {p: os.path.getmtime(p) for p in storage.list_files(root, recursive=True) if p.endswith("_SUCCESS.json")}
 
     again = run_batch(requests, root, max_concurrent=2, name="second", http_port=http_port)  # all skipped
-    for row in again[:2]:
+    for row, target in zip(again[:2], targets.values()):
         assert row["state"] == "done"
         assert {stage: info["state"] for stage, info in row["stages"].items()} == {
-            "sanitize": "done (already complete)", "personalize": "skipped (no L2 target)",
+            "sanitize": "done (already complete)", "personalize": f"skipped (target released at {target}, not L2)",
             "synthesize": "done (already complete)", "train": "done (already complete)"}
     assert {p: os.path.getmtime(p) for p in committed} == committed  # nothing generated or trained twice
     table = format_summary(again)

@@ -197,7 +197,7 @@ def test_batch_expects_training_during_synthesis_and_logs_progress(tmp_path, mon
     assert events == (started if fails else started + ["train"])
     row = run.rows[next(iter(run.rows))]
     assert row["state"] == ("failed" if fails else "done")
-    assert row["stages"]["personalize"]["state"] == "skipped (no L2 target)"
+    assert row["stages"]["personalize"]["state"] == "skipped (target released at L1, not L2)"
 
 
 def test_batch_makes_room_in_the_fleet_while_a_request_personalizes(tmp_path, monkeypatch):
@@ -270,7 +270,7 @@ def test_batch_says_why_a_stage_is_skipped(tmp_path):
     paths = request_paths(spec, str(tmp_path / "out"))
     l2 = parse_request({**spec.model_dump(mode="json"), "privacy": {"target": "L2", "background": "L0"}})
     off = parse_request({**l2.model_dump(mode="json"), "personalization": {"enabled": False}})
-    assert _skipped(spec, paths, "personalize") == "skipped (no L2 target)"
+    assert _skipped(spec, paths, "personalize") == "skipped (target released at L1, not L2)"
     assert _skipped(off, paths, "personalize") == "skipped (personalization off)"
     assert _skipped(l2, paths, "personalize") is None and _skipped(spec, paths, "sanitize") is None
     storage.commit(paths.sanitized, [])

@@ -21,7 +21,7 @@ import torch
 
 from spinml_ray import storage
 from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, LoraTrainer, target_crops
-from spinml_ray.spec import Level, RequestSpec
+from spinml_ray.spec import RequestSpec
 from spinml_ray.stages import unwrapped
 from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key, training_failure
 from spinml_ray.synthesis.plan import image_seed
@@ -133,9 +133,8 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
     from spinml_ray.cluster import cluster_has_gpus
 
     p = spec.personalization
-    if spec.privacy.target != Level.L2 or not p.enabled:
-        reason = "disabled" if not p.enabled else f"target released at {spec.privacy.target.value}, not L2"
-        return {"skipped": reason}
+    if spec.unpersonalized:
+        return {"skipped": spec.unpersonalized}
     crops = target_crops(storage.read_committed_table(paths.sanitized).to_pylist())
     if not crops:
         return {"skipped": "no released L2 target crops"}
