@@ -53,9 +53,11 @@ class JobBoard:
             self.pending.append((job_id, config))
             self.changed.notify_all()
 
-    async def expect(self, job_id: str) -> None:
+    async def expect(self, job_id: str) -> bool:
+        """Whether a slot started for the job now would stay (not while room is being made)."""
         async with self.changed:
             self.expected.add(job_id)
+            return not self.making_room
 
     async def forget(self, job_id: str) -> None:
         async with self.changed:
@@ -154,7 +156,6 @@ class TrainingFleet:
         self.lock = threading.Lock()
         self.live: dict[int, threading.Thread] = {}
         self.starts = 0  # slot runs started (a restarted worker stays within its run)
-        self.room_wanted = 0  # `making_room` blocks open now
 
     def fits(self, num_workers: int, gpu_fraction: float) -> bool:
         """Whether a training of this shape runs in a slot (else it gets a `TorchTrainer` of its own)."""
@@ -173,8 +174,7 @@ class TrainingFleet:
         """A job will come once its request is synthesized: start a slot now if one may still start,
         and keep idle slots until `forget` (so the slot's start-up overlaps the synthesis)."""
         with self.lock:
-            ray.get(self.board.expect.remote(job_id))
-            if not self.room_wanted:  # a slot started now would leave at once
+            if ray.get(self.board.expect.remote(job_id)):  # else a slot started now would leave at once
                 self._start_slot_if_room()
 
     @contextlib.contextmanager
@@ -182,14 +182,10 @@ class TrainingFleet:
         """For Ray work outside the fleet that needs the resources slots hold (a request's
         personalization): meanwhile idle slots leave, even for expected jobs, and `expect` starts
         none; a job put meanwhile still gets a slot, which leaves once the job is done."""
-        with self.lock:
-            self.room_wanted += 1
         ray.get(self.board.make_room.remote(1))
         try:
             yield
         finally:
-            with self.lock:
-                self.room_wanted -= 1
             ray.get(self.board.make_room.remote(-1))
 
     def forget(self, job_id: str) -> None:
