@@ -40,7 +40,10 @@ def list_requests(source: str) -> list[str]:
         uris = document.get("requests") if isinstance(document, dict) else document
         if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
             raise SpecError(f"{source}: a manifest is a list of request URIs (or {{requests: [...]}})")
-        return [storage.resolve(storage.parent(source), u) for u in uris]
+        try:  # a manifest names requests in its own folder only
+            return [storage.confine(storage.parent(source), u, f"{source}: request") for u in uris]
+        except storage.OutsidePrefix as exc:
+            raise SpecError(str(exc)) from None
     found = [u for u in storage.list_files(source, recursive=True) if u.endswith(REQUEST_SUFFIXES)]
     if not found:
         raise SpecError(f"{source}: no manifest file and no request documents under it")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
-from spinml_ray.storage import S3_ENV_VARS
+from spinml_ray.storage import S3_LOCATION_ENV
 
 # Settings that every worker must see as the driver does (storage endpoint, model cache, offline hub).
-FORWARDED_ENV = S3_ENV_VARS + ("SPINML_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "SPINML_API_TOKENS", "SPINML_API_TOKENS_FILE")
+# No secret is among them: a runtime environment is shown in Ray's job table, dashboard and
+# runtime-env agent log. S3 credentials come from each node; the synthesis ingress reads the API
+# tokens on its own node (synthesis/auth.py).
+FORWARDED_ENV = S3_LOCATION_ENV + ("SPINML_CACHE", "HF_HUB_OFFLINE", "HF_HOME")
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:

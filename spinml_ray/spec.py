@@ -2,22 +2,30 @@
 
 A request is a YAML or JSON document. `load_request` reads it from any storage URI and returns a
 `RequestSpec`, or raises `SpecError` whose message names every invalid field and its value.
-Relative reference URIs are resolved against the directory that holds the request document.
+Every URI a request names is confined to the folder that holds the request document (relative ones
+resolve against it): a request can never make the server read another tenant's files or its own.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spinml_ray import storage
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+def _identifier(value: str) -> str:
+    if not storage.IDENTIFIER.fullmatch(value):
+        raise ValueError(f"must be {storage.IDENTIFIER_RULE}")
+    return value
+
+
+# A name that becomes a path segment (tenant, request id, label, image id): never a path.
+Identifier = Annotated[str, AfterValidator(_identifier)]
 
 
 class SpecError(ValueError):
@@ -33,11 +41,11 @@ class Level(str, Enum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, allow_inf_nan=False)
 
 
 class LabelSpec(_Strict):
-    name: str = Field(min_length=1, max_length=64)
+    name: Identifier = Field(max_length=64)
     phrase: str = Field(min_length=1, max_length=200, description="prompt phrase, e.g. 'sleeping'")
 
 
@@ -144,8 +152,8 @@ class TrainingSpec(_Strict):
 
 
 class RequestSpec(_Strict):
-    request_id: str
-    tenant: str
+    request_id: Identifier
+    tenant: Identifier
     task: Literal["classification", "detection"] = "classification"
     subject: str = Field(min_length=1, max_length=200, description="the subject noun, e.g. 'husky dog'")
     labels: list[LabelSpec] = Field(min_length=1, description="classes: at least 2 to classify, 1 or more to detect")
@@ -159,13 +167,6 @@ class RequestSpec(_Strict):
     test_set: str | None = Field(default=None, description="URI of a folder with one subfolder per label (and, to "
                                  "detect, a boxes.json: {'label/file.png': [[x0, y0, x1, y1], ...]})")
     min_references: int = Field(default=1, ge=1)
-
-    @field_validator("request_id", "tenant")
-    @classmethod
-    def _safe_id(cls, value):
-        if not _ID.fullmatch(value):
-            raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
-        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -233,8 +234,19 @@ def _describe(error: dict, document: dict) -> str:
     return message
 
 
+def _confined(base_uri: str, uri: str | None, what: str, source: str) -> str | None:
+    if uri is None:
+        return None
+    try:
+        return storage.confine(base_uri, uri, what)
+    except storage.OutsidePrefix as exc:
+        raise SpecError(f"{source}: invalid request: {exc} (a request names only files in its own folder)") from None
+
+
 def parse_request(document: dict, base_uri: str | None = None, source: str = "request") -> RequestSpec:
-    """Validate a request document (already parsed) and resolve its relative URIs against base_uri."""
+    """Validate a request document (already parsed). With `base_uri` (the folder holding the document),
+    every URI it names (references, masks, test set, bundle) must lie inside that folder: relative
+    ones resolve against it, and one that leads anywhere else is refused with the field named."""
     if not isinstance(document, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(document).__name__}")
     try:
@@ -247,15 +259,15 @@ def parse_request(document: dict, base_uri: str | None = None, source: str = "re
     refs = [
         ref.model_copy(
             update={
-                "uri": storage.resolve(base_uri, ref.uri),
-                "mask_uri": storage.resolve(base_uri, ref.mask_uri) if ref.mask_uri else None,
+                "uri": _confined(base_uri, ref.uri, f"references.{i}.uri", source),
+                "mask_uri": _confined(base_uri, ref.mask_uri, f"references.{i}.mask_uri", source),
             }
         )
-        for ref in spec.references
+        for i, ref in enumerate(spec.references)
     ]
-    test_set = storage.resolve(base_uri, spec.test_set) if spec.test_set else None
-    bundle = storage.resolve(base_uri, spec.bundle) if spec.bundle else None
-    return spec.model_copy(update={"references": refs, "test_set": test_set, "bundle": bundle})
+    return spec.model_copy(update={"references": refs,
+                                   "test_set": _confined(base_uri, spec.test_set, "test_set", source),
+                                   "bundle": _confined(base_uri, spec.bundle, "bundle", source)})
 
 
 def load_request(uri: str) -> RequestSpec:

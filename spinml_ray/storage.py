@@ -7,7 +7,12 @@ its upload completes. A stage that writes several files commits them with `commi
 crash in the middle of a stage leaves the previous complete output (or none) in force.
 
 S3 settings come from the standard AWS environment variables: `AWS_ENDPOINT_URL` (for MinIO, moto or
-any S3-compatible store), `AWS_REGION`/`AWS_DEFAULT_REGION`, and the usual credential variables.
+any S3-compatible store), `AWS_REGION`/`AWS_DEFAULT_REGION`, and the usual credential variables (or
+the node's instance profile / pod identity).
+
+Every URI that a caller names goes through `confine(root, uri)` before use: resolved (dot segments,
+symlinks, `file://` percent-encoding, bucket and key) and refused unless it lies inside the prefix
+the caller owns.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import io
 import json
 import os
 import posixpath
+import re
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 
@@ -25,14 +32,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST = "_SUCCESS.json"
-S3_ENV_VARS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-)
+# The one rule for every name that becomes a path segment (tenant, request id, label, image id):
+# letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters.
+IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+IDENTIFIER_RULE = "1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+# Where the S3 store is: safe to hand to Ray workers. Credentials are not: workers take them from
+# their node (its environment, instance profile or pod identity), never from a runtime environment.
+S3_LOCATION_ENV = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def is_s3(uri: str) -> bool:
@@ -76,19 +82,6 @@ def parent(uri: str) -> str:
     if is_s3(uri):
         return "s3://" + posixpath.dirname(uri[len("s3://") :].rstrip("/"))
     return os.path.dirname(os.path.abspath(_local(uri)))
-
-
-def resolve(base: str, uri: str) -> str:
-    """`uri` itself when absolute (s3:// or /path), else `uri` relative to the directory `base`."""
-    if is_s3(uri) or os.path.isabs(uri) or "://" in uri:
-        return uri
-    if is_s3(base):
-        bucket = base[len("s3://") :].split("/", 1)[0]
-        joined = posixpath.normpath(posixpath.join(base[len("s3://") :], uri))
-        if joined != bucket and not joined.startswith(bucket + "/"):
-            raise ValueError(f"{uri}: relative URI leaves the bucket of {base}")
-        return "s3://" + joined
-    return os.path.normpath(os.path.join(_local(base), uri))
 
 
 def is_file(uri: str) -> bool:
@@ -225,6 +218,79 @@ def upload_dir(local_dir: str, uri: str) -> None:
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+# --- Confinement: every URI a caller names is resolved, then refused unless it lies in the caller's prefix.
+
+MAX_URI_LENGTH = 4096
+
+
+class OutsidePrefix(PermissionError):
+    """A caller-named URI that does not resolve inside the prefix it is confined to (a 403-class error)."""
+
+
+def _clean(uri, what: str) -> str:
+    if not isinstance(uri, str) or not uri:
+        raise OutsidePrefix(f"{what}: expected a non-empty URI string")
+    if len(uri) > MAX_URI_LENGTH:
+        raise OutsidePrefix(f"{what}: URI longer than {MAX_URI_LENGTH} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in uri):
+        raise OutsidePrefix(f"{what}: URI contains control characters")
+    return uri
+
+
+def _s3_parts(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def _s3_key(key: str) -> str:
+    normal = posixpath.normpath("/" + key).lstrip("/")
+    return "" if normal == "." else normal
+
+
+def confine(root: str, uri: str, what: str = "uri") -> str:
+    """The canonical location of the caller-named `uri` if it lies inside `root`; OutsidePrefix otherwise.
+
+    `root` is trusted (a tenant's prefix, a request's folder); `uri` is not. A relative `uri` resolves
+    against `root`. Local paths are normalised and their symlinks resolved (on both sides) before the
+    comparison; `file://` URIs are percent-decoded as URLs are (plain paths and S3 keys are literal,
+    as the storage layer uses them). On S3 the bucket must be the root's and the normalised key must
+    lie under the root's key. Any other scheme, or a local path under an S3 root (and the reverse), is
+    refused. The result is what callers must use from then on: never the string they were given."""
+    uri = _clean(uri, what)
+    if is_s3(root):
+        bucket, prefix = _s3_parts(root)
+        prefix = _s3_key(prefix)
+        if is_s3(uri):
+            other, key = _s3_parts(uri)
+            if other != bucket:
+                raise OutsidePrefix(f"{what}: {uri!r} is outside {root}")
+            key = _s3_key(key)
+        elif "://" in uri or uri.startswith("/"):
+            raise OutsidePrefix(f"{what}: {uri!r} is outside {root}")
+        else:
+            key = _s3_key(posixpath.join(prefix, uri))
+        if prefix and key != prefix and not key.startswith(prefix + "/"):
+            raise OutsidePrefix(f"{what}: {uri!r} is outside {root}")
+        return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    if uri.startswith("file://"):
+        uri = urllib.parse.unquote(uri[len("file://") :])
+        _clean(uri, what)
+    elif "://" in uri:
+        raise OutsidePrefix(f"{what}: {uri!r} is outside {root} (scheme not allowed here)")
+    base = os.path.realpath(_local(root))
+    path = os.path.realpath(os.path.join(base, uri))
+    if path != base and not path.startswith(base.rstrip(os.sep) + os.sep):
+        raise OutsidePrefix(f"{what}: {uri!r} is outside {root}")
+    return path
+
+
+def write_within(root: str, uri: str, data: bytes) -> str:
+    """`write_bytes` that refuses to write outside `root` (defence in depth behind name validation)."""
+    location = confine(root, uri, "write")
+    write_bytes(location, data)
+    return location
+
+
 @dataclass(frozen=True)
 class RequestPaths:
     """Where one request's stages read and write: `{root}/{tenant}/{request_id}/...`."""
@@ -232,6 +298,11 @@ class RequestPaths:
     root: str
     tenant: str
     request_id: str
+
+    def __post_init__(self):
+        for what, name in (("tenant", self.tenant), ("request_id", self.request_id)):
+            if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
+                raise OutsidePrefix(f"{what}: {name!r} is not an identifier ({IDENTIFIER_RULE})")
 
     @property
     def base(self) -> str:

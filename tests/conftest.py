@@ -1,6 +1,7 @@
 """Shared fixtures. Everything stays offline and on loopback."""
 
 import os
+import secrets
 import socket
 
 import pytest
@@ -12,6 +13,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # as on a real cluster; the tok
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_REQUEST = os.path.join(REPO, "examples", "request.yaml")
+CANARY_TOKEN = "canary-" + secrets.token_hex(16)  # an API token no log, job table or error may ever show
 
 
 def free_port() -> int:
@@ -82,7 +84,8 @@ def ray_cluster(s3_server):
 
     from spinml_ray.cluster import connect
 
-    os.environ["SPINML_API_TOKENS"] = "demo-token:demo,other-token:other"
+    # Set on this "node" before Ray starts, as a platform sets it on `ray start`: workers inherit it.
+    os.environ["SPINML_API_TOKENS"] = f"demo-token:demo,other-token:other,{CANARY_TOKEN}:canary"
 
     connect(num_cpus=4)
     yield ray

@@ -207,11 +207,13 @@ def test_http_api_authenticates_isolates_tenants_and_stores_images(tmp_path, syn
     assert [i["uri"] for i in again] == [i["uri"] for i in images]  # a retry writes nothing new
 
 
-def test_http_api_answers_503_with_retry_after_when_full(synthesis, http_port):
+def test_http_api_refuses_a_call_larger_than_it_ever_admits_at_once(synthesis, http_port):
+    """413 naming the limit, not a 503 that would be retried forever (busy-but-fitting calls get 503:
+    see test_serve_reliability)."""
     url = f"http://127.0.0.1:{http_port}/spinml"
     body = _api_body("big", count=300)  # more than the app's 256 pending images
     response = requests.post(f"{url}/v1/generate", json=body, headers={"Authorization": "Bearer demo-token"}, timeout=60)
-    assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0
+    assert response.status_code == 413 and "256" in response.json()["detail"] and "Retry-After" not in response.headers
 
 
 def test_one_bad_item_does_not_fail_its_batch(synthesis):

@@ -93,18 +93,38 @@ def test_parse_without_base_keeps_uris_as_given():
 
 def test_parse_resolves_relative_uris_against_base(tmp_path):
     document = base_document()
-    document["references"][1]["uri"] = "/elsewhere/b.png"
-    document["references"].append({"uri": "s3://bucket/c.png", "label": "eating"})
-    document["references"].append({"uri": "../up.png"})
-    spec = parse_request(document, base_uri=str(tmp_path / "req"))
+    base = tmp_path / "req"
+    document["references"][1]["uri"] = str(base / "sub" / ".." / "b.png")
+    document["references"].append({"uri": "./c/./d.png", "label": "eating"})
+    spec = parse_request(document, base_uri=str(base))
     uris = [r.uri for r in spec.references]
-    assert uris[0] == str(tmp_path / "req" / "refs" / "a.png")
-    assert uris[1] == "/elsewhere/b.png"  # absolute: unchanged
-    assert uris[2] == "s3://bucket/c.png"  # s3: unchanged
-    assert uris[3] == str(tmp_path / "up.png")  # '..' normalised
-    assert spec.references[0].mask_uri == str(tmp_path / "req" / "masks" / "a.png")
+    assert uris[0] == str(base / "refs" / "a.png")
+    assert uris[1] == str(base / "b.png")  # absolute inside the folder: normalised
+    assert uris[2] == str(base / "c" / "d.png")
+    assert spec.references[0].mask_uri == str(base / "masks" / "a.png")
     assert spec.references[1].mask_uri is None
-    assert spec.test_set == str(tmp_path / "req" / "test_set")
+    assert spec.test_set == str(base / "test_set")
+
+
+@pytest.mark.parametrize("field, outside", [
+    ("references.0.uri", "/elsewhere/b.png"), ("references.0.uri", "../up.png"),
+    ("references.0.uri", "s3://bucket/c.png"), ("references.0.mask_uri", "../req-other/m.png"),
+    ("test_set", "/etc"), ("test_set", "https://example.org/x"),
+])
+def test_parse_refuses_uris_outside_the_request_folder(tmp_path, field, outside):
+    document = base_document()
+    if field == "test_set":
+        document["test_set"] = outside
+    else:
+        document["references"][0][field.split(".")[-1]] = outside
+    with pytest.raises(SpecError, match=field.replace(".", r"\.") + ".*outside"):
+        parse_request(document, base_uri=str(tmp_path / "req"))
+
+
+def test_parse_refuses_a_bundle_outside_the_request_folder(tmp_path):
+    document = {**base_document(), "references": [], "bundle": "../../other-tenant/r/sanitized"}
+    with pytest.raises(SpecError, match="bundle.*outside"):
+        parse_request(document, base_uri=str(tmp_path / "tenant" / "req"))
 
 
 def test_parse_resolves_against_s3_base():

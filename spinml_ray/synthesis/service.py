@@ -6,8 +6,11 @@
   (`user_config`). A request's LoRA adapter is a multiplexed model (`@serve.multiplexed`): calls name
   it as `multiplexed_model_id`, so they go to replicas that hold it, and each replica evicts LRU.
 - `SynthesisAPI` (FastAPI) serves `POST /v1/generate` and `GET /healthz`: bearer-token auth per
-  tenant, the tenant's own bundle only, admission control (503 with `Retry-After` when full), images
-  written to storage; it calls the diffusion deployment through the same `submit` the job uses.
+  tenant (checked before the body is read), every caller-named URI confined to the tenant's own
+  prefix (`storage.confine`), admission control (413 for a call larger than is ever admitted, 503
+  with `Retry-After` when busy), images written to storage only inside that prefix; no error body
+  carries a traceback, path or process id. It calls the diffusion deployment through the same
+  `submit` the job uses.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real types of the route bodies.
@@ -15,17 +18,18 @@ import asyncio
 import logging
 import os
 import threading
+import uuid
 from typing import Optional
 
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from spinml_ray import storage
-from spinml_ray.spec import LabelSpec, PrivacySpec, SynthesisSpec
+from spinml_ray.spec import Identifier, LabelSpec, PrivacySpec, SynthesisSpec
 from spinml_ray.synthesis.auth import AuthError, load_tokens, tenant_for
-from spinml_ray.synthesis.engine import DiffusionEngine
+from spinml_ray.synthesis.engine import LORA_WEIGHTS, DiffusionEngine
 from spinml_ray.synthesis.plan import index_bundle, plan_label
 from spinml_ray.synthesis.workitems import GeneratedImage, WorkItem
 
@@ -109,19 +113,42 @@ class DiffusionDeployment:
 
 
 class ApiGenerateRequest(BaseModel):
-    """One label's images for one request, conditioned on the tenant's sanitized bundle."""
+    """One label's images for one request, conditioned on the tenant's sanitized bundle.
 
-    model_config = ConfigDict(extra="forbid")
+    `bundle` and `adapter` are URIs inside the tenant's own storage prefix (`{storage}/{tenant}/...`);
+    relative ones resolve against that prefix."""
 
-    request_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    tenant: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    request_id: Identifier
+    tenant: Identifier
     subject: str = Field(min_length=1, max_length=200)
     label: LabelSpec
     privacy: PrivacySpec = PrivacySpec()
-    bundle: Optional[str] = Field(default=None, description="URI of the request's sanitized/ directory")
+    bundle: Optional[str] = Field(default=None, max_length=storage.MAX_URI_LENGTH,
+                                  description="URI of the request's sanitized/ directory")
     synthesis: SynthesisSpec = Field(description="images_per_label is the number of images to make")
-    adapter: Optional[str] = None
-    token: Optional[str] = Field(default=None, description="personalization identifier, e.g. 'sks'")
+    adapter: Optional[str] = Field(default=None, max_length=storage.MAX_URI_LENGTH)
+    token: Optional[str] = Field(default=None, pattern=r"^[a-z]{2,12}$",
+                                 description="personalization identifier, e.g. 'sks'")
+
+
+MAX_BODY_BYTES = 1 << 20
+
+
+def _problem(status: int, detail, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _field_errors(exc: ValidationError) -> list[dict]:
+    """A validation error as field names and messages only: never the offending input echoed back."""
+    return [{"loc": [str(part) for part in error["loc"]], "msg": error["msg"]} for error in exc.errors()]
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
 
 
 @serve.deployment(name="SynthesisAPI", max_ongoing_requests=256)
@@ -132,60 +159,97 @@ class SynthesisAPI:
         self.root = storage_root
         self.max_pending = max_pending_images
         self.pending = 0
-        self.tokens = load_tokens()
-
-    def _owned(self, tenant: str, uri: Optional[str], what: str) -> None:
-        prefix = storage.join(self.root, tenant).rstrip("/") + "/"
-        if uri is not None and not storage.resolve(self.root, uri).startswith(prefix):
-            raise HTTPException(status_code=403, detail=f"{what} {uri!r} is not under tenant {tenant!r}'s storage")
+        self.tokens = load_tokens()  # read here, on this node: tokens never travel with a job or actor
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", **(await self.diffusion.info.remote())}
+        """Unauthenticated: what a load balancer needs, and nothing of any tenant's (no adapter URIs)."""
+        info = await self.diffusion.info.remote()
+        return {"status": "ok", "pipelines": info["pipelines"], "device": info["device"],
+                "adapters_loaded": len(info["adapters"])}
 
     @api.post("/v1/generate")
-    async def generate(self, body: ApiGenerateRequest, authorization: Optional[str] = Header(default=None)):
+    async def generate(self, request: Request):
         try:
-            tenant = tenant_for(authorization, self.tokens)
+            return await self._generate(request)
+        except Exception as exc:  # answered without a trace, path or process id; the detail stays in the log
+            incident = uuid.uuid4().hex[:12]
+            log.error("incident %s: %s", incident, exc, exc_info=exc)
+            return _problem(500, f"internal error (incident {incident})")
+
+    def _own(self, tenant: str, what: str, uri: Optional[str]) -> Optional[str]:
+        """The canonical location of a URI the caller named, inside the tenant's prefix; 403 otherwise."""
+        if uri is None:
+            return None
+        try:
+            return storage.confine(storage.join(self.root, tenant), uri, what)
+        except storage.OutsidePrefix:
+            raise _Refused(403, f"{what} is not under tenant {tenant!r}'s storage") from None
+
+    async def _generate(self, request: Request):
+        """Auth first (401 before anything about the body is said), then the body, then the tenant's
+        own URIs (403 outside its prefix), then admission (413 past what is ever admitted, 503 when
+        busy)."""
+        try:
+            tenant = tenant_for(request.headers.get("authorization"), self.tokens)
         except AuthError as exc:
-            raise HTTPException(status_code=401, detail=str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+            return _problem(401, str(exc), {"WWW-Authenticate": "Bearer"})
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            return _problem(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        try:
+            body = ApiGenerateRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            return _problem(422, _field_errors(exc))
         if body.tenant != tenant:
-            raise HTTPException(status_code=403, detail=f"token is for tenant {tenant!r}, not {body.tenant!r}")
-        self._owned(tenant, body.bundle, "bundle")
-        self._owned(tenant, body.adapter, "adapter")
+            return _problem(403, f"token is for tenant {tenant!r}, not {body.tenant!r}")
+        if body.synthesis.images_per_label > self.max_pending:
+            return _problem(413, f"synthesis.images_per_label {body.synthesis.images_per_label} is more than this "
+                                 f"service admits in one call ({self.max_pending}); split the call")
+        home = storage.join(self.root, tenant)
+        try:
+            bundle, adapter = self._own(tenant, "bundle", body.bundle), self._own(tenant, "adapter", body.adapter)
+        except _Refused as refused:
+            return _problem(refused.status, refused.detail)
+        loop = asyncio.get_running_loop()
         by_ref = {}
-        if body.bundle:
+        if bundle:
             try:
-                by_ref = index_bundle(storage.read_committed_table(storage.resolve(self.root, body.bundle)).to_pylist())
-            except FileNotFoundError as exc:
-                raise HTTPException(status_code=404, detail=str(exc)) from None
+                table = await loop.run_in_executor(None, storage.read_committed_table, bundle)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return _problem(404, "bundle: no committed sanitized bundle there")
+            by_ref = index_bundle(table.to_pylist())
+        if adapter and not await loop.run_in_executor(None, storage.is_file, storage.join(adapter, LORA_WEIGHTS)):
+            return _problem(404, f"adapter: no {LORA_WEIGHTS} there")
         try:
             items = plan_label(body.request_id, tenant, body.subject, body.label, body.privacy, body.synthesis,
-                               by_ref, body.adapter, body.token)
+                               by_ref, adapter, body.token)
         except ValueError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
+            return _problem(422, str(exc))
         if self.pending + len(items) > self.max_pending:
-            return JSONResponse({"detail": "synthesis is at capacity; retry later"}, status_code=503,
-                                headers={"Retry-After": "2"})
+            return _problem(503, "synthesis is at capacity; retry later", {"Retry-After": "2"})
         self.pending += len(items)
         try:
-            out_dir = storage.join(self.root, tenant, body.request_id, "api", body.label.name)
-            uris = await asyncio.gather(*(self._make(item, out_dir) for item in items))
+            out_dir = storage.join(home, body.request_id, "api", body.label.name)
+            made = await asyncio.gather(*(self._make(item, home, out_dir) for item in items), return_exceptions=True)
         finally:
             self.pending -= len(items)
+        failed = [(item, result) for item, result in zip(items, made) if isinstance(result, BaseException)]
+        for item, exc in failed:
+            log.warning("request %s image %s failed: %s", body.request_id, item.image_id, exc)
+        if failed:
+            return _problem(500, f"generation failed for {len(failed)} of {len(items)} images "
+                                 f"({', '.join(item.image_id for item, _ in failed[:5])}); retry the call")
         return {"images": [{"image_id": i.image_id, "uri": u, "seed": i.seed, "prompt": i.prompt, "pool": i.pool}
-                           for i, u in zip(items, uris)]}
+                           for i, u in zip(items, made)]}
 
-    async def _make(self, item: WorkItem, out_dir: str) -> str:
+    async def _make(self, item: WorkItem, home: str, out_dir: str) -> str:
         uri = storage.join(out_dir, f"{item.image_id}-{item.seed}.png")
-        if storage.exists(uri):  # a retried call: the image is already complete (writes are atomic)
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(None, storage.exists, uri):  # a retried call: already complete (atomic writes)
             return uri
-        try:
-            generated = await submit(self.diffusion, item)
-        except Exception as exc:
-            raise HTTPException(status_code=500, detail=f"{item.image_id}: generation failed: {exc}") from None
-        await asyncio.get_running_loop().run_in_executor(None, storage.write_bytes, uri, generated.image)
-        return uri
+        generated = await submit(self.diffusion, item)
+        return await loop.run_in_executor(None, storage.write_within, home, uri, generated.image)
 
 
 def build_app(model: str = "tiny", controlnet: Optional[str] = None, storage_root: str = "spinml-data",

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from spinml_ray.spec import Identifier
+
 Scheduler = Literal["dpmsolver++", "ddim", "euler", "pndm", "unipc"]
 PipelineKind = Literal["txt2img", "controlnet", "img2img", "inpaint", "controlnet_img2img", "controlnet_inpaint"]
 
@@ -13,12 +15,12 @@ PipelineKind = Literal["txt2img", "controlnet", "img2img", "inpaint", "controlne
 class WorkItem(BaseModel):
     """One synthetic image to generate. Conditioning images are PNG bytes (base64 in JSON)."""
 
-    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64", allow_inf_nan=False)
 
-    image_id: str = Field(min_length=1, max_length=200)
-    request_id: str = Field(min_length=1, max_length=128)
-    tenant: str = Field(min_length=1, max_length=128)
-    label: str
+    image_id: Identifier
+    request_id: Identifier
+    tenant: Identifier
+    label: Identifier
     pool: str = Field(description="privacy configuration of this image's pool, e.g. 'L0_L0' or 'L1_L0'")
     prompt: str = Field(min_length=1, max_length=2000)
     negative_prompt: str = ""
