@@ -62,26 +62,36 @@ def sanitize_reference(item: dict, target: str, background: str, settings: Sanit
                        segment: Segment | None = None) -> list[dict]:
     """Rows for one reference item (see `reference_items`); raises BadReference when unusable.
 
-    The target comes from the item's mask, else `segment(image, box, points)` (SAM), else its box."""
+    The target comes from the item's mask, else `segment(image, box, points)` (SAM). Without a
+    segmenter a box alone is refused at any level above L0_L0 (its background would leave as the
+    target) unless `settings.allow_box_as_mask`; its rows then say so (`box_as_mask`) to the preview."""
     uri = item["uri"]
     try:
         image = decode_rgb(_read(uri, "image"), what=uri)
-        mask = None
+        mask, box_as_mask = None, False
         if item.get("mask_uri"):
             mask = decode_mask(_read(item["mask_uri"], "mask"), image.shape[:2], what=item["mask_uri"])
         elif Level(target) != Level.L0 or Level(background) != Level.L0:
             if segment is None or not getattr(segment, "available", True):
                 if not item.get("box"):
                     raise BadReference(f"{uri}: needs a mask, a box or points (no SAM checkpoint available)")
-                mask = box_mask(tuple(item["box"]), image.shape[:2])
+                if not settings.allow_box_as_mask:
+                    raise BadReference(
+                        f"{uri}: only a box marks the target and no segmenter is available, so the whole box "
+                        f"(background inside it included) would be released as the target at {target}_{background}; "
+                        "give a mask, or a SAM checkpoint (--sam), or set sanitization.allow_box_as_mask: true")
+                mask, box_as_mask = box_mask(tuple(item["box"]), image.shape[:2]), True
             else:
                 mask = segment(image, tuple(item["box"]) if item.get("box") else None, item.get("points"))
-        return sanitize_image(
+        rows = sanitize_image(
             item["ref_id"], image, mask, target, background, label=item.get("label"),
             canny=CannyThresholds(settings.canny_low, settings.canny_high), blur_faces=settings.blur_faces,
         )
     except (ImageError, SegmentationError) as exc:
         raise BadReference(str(exc)) from None
+    if box_as_mask:  # for the preview only: not a bundle column, so it never leaves
+        rows = [{**row, "box_as_mask": True} for row in rows]
+    return rows
 
 
 def sanitize_all(items: list[dict], target: str, background: str, settings: SanitizationSpec,
@@ -110,7 +120,7 @@ def _check_payload(row: dict, what: str) -> dict:
     if level == Level.L0:
         if row.get("payload") is not None or row.get("region") is not None:
             raise BadReference(f"{what}: level L0 but the row carries image data; refused")
-        return {**row, "payload": None, "region": None, "payload_sha256": None, "mi": 0.0}
+        return {**row, "payload": None, "region": None, "payload_sha256": None, "mi": 0.0, "width": None, "height": None}
     if row.get("payload") is None:
         raise BadReference(f"{what}: level {level.value} without a payload")
     try:

@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--background", choices=LEVELS, help="--local: the background's level")
             p.add_argument("--canny", type=lambda t: _ints(t, 2, "--canny"), default=(100, 200), help="LOW,HIGH")
             p.add_argument("--no-blur-faces", action="store_true", help="keep faces in released L2 pixels")
+            p.add_argument("--allow-box-as-mask", action="store_true",
+                           help="--local with --box and no SAM: release the whole box as the target (background inside it too)")
             p.add_argument("--out", default="preview", help="--local/--preview: output folder")
     serve_cmd = sub.add_parser("serve", help="deploy the synthesis service (HTTP API on 127.0.0.1 by default)")
     serve_cmd.add_argument("--model", default=DEFAULT_MODEL)
@@ -125,7 +127,8 @@ def _sanitize_here(args, parser) -> dict:
             parser.error(f"--local needs {', '.join(missing)}")
         if not os.path.isfile(args.image):
             raise BadReference(f"{args.image}: image file not found")
-        settings = SanitizationSpec(canny_low=args.canny[0], canny_high=args.canny[1], blur_faces=not args.no_blur_faces)
+        settings = SanitizationSpec(canny_low=args.canny[0], canny_high=args.canny[1], blur_faces=not args.no_blur_faces,
+                                    allow_box_as_mask=args.allow_box_as_mask)
         items = [{"ref_id": "ref-0000", "uri": os.path.abspath(args.image), "label": None,
                   "mask_uri": os.path.abspath(args.mask) if args.mask else None,
                   "box": list(args.box) if args.box else None, "points": None}]

@@ -1,8 +1,8 @@
 """What would leave, shown before it leaves: a contact sheet (PNG) and a page (HTML) of a bundle.
 
 One line per reference, one cell per object: exactly the released payload (edge map, pixels on
-black) or an empty tile saying that nothing leaves, with the level, the MI leakage and the number of
-faces blurred. The HTML embeds the payload PNGs byte for byte; the PNG sheet shows thumbnails.
+black) or an empty tile saying that nothing leaves, with the level, the MI leakage, the number of
+faces blurred, and a red warning where a box stood in for the target's mask (allow_box_as_mask). The HTML embeds the payload PNGs byte for byte; the PNG sheet shows thumbnails.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from spinml_ray.images import decode_png
 
 TILE = 160
 CAPTION = 28
+BOX_WARNING = "box used as mask"
 
 
 def _tile(row: dict) -> Image.Image:
@@ -34,6 +35,8 @@ def _tile(row: dict) -> Image.Image:
     draw.text((4, TILE + 2), caption, fill=(255, 255, 255))
     if row.get("faces_blurred"):
         draw.text((4, TILE + 14), f"{row['faces_blurred']} face(s) blurred", fill=(255, 200, 120))
+    if row.get("box_as_mask") and row["payload"] is not None:
+        draw.text((4, 4), BOX_WARNING, fill=(255, 60, 60))
     return tile
 
 
@@ -62,6 +65,9 @@ def write_preview(rows: list[dict], out_dir: str, rejections: list[dict] = ()) -
             else:
                 body = f'<img src="data:image/png;base64,{base64.b64encode(row["payload"]).decode()}" width="{TILE}">'
             faces = f"<br>{row['faces_blurred']} face(s) blurred" if row.get("faces_blurred") else ""
+            if row.get("box_as_mask") and row["payload"] is not None:
+                faces += (f'<br><strong class="box-as-mask" style="color:red">{BOX_WARNING}: the whole box leaves '
+                          "as the target, background inside it included</strong>")
             cell.append(f"<td>{body}<br>{html.escape(row['object'])} {row['level']} &middot; MI {row['mi']:.4f}{faces}</td>")
         cells.append(f"<tr><th>{html.escape(ref)}</th>{''.join(cell)}</tr>")
     png_path = os.path.join(out_dir, "preview.png")

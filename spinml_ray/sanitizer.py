@@ -91,7 +91,7 @@ def sanitize_image(
     blur_faces: bool = False,
 ) -> list[dict]:
     """One row per object: ref_id, label, object, level, width, height, payload, region, payload_sha256,
-    faces_blurred, mi.
+    faces_blurred, mi. An L0 row carries the label and level only (no size, no payload, mi 0).
 
     `target_mask` may be None only when both levels are L0 (then nothing about either object leaves).
     """
@@ -121,8 +121,8 @@ def sanitize_image(
                 "label": label,
                 "object": name,
                 "level": level.value,
-                "width": width,
-                "height": height,
+                "width": width if payload is not None else None,  # an L0 row tells nothing, not even the size
+                "height": height if payload is not None else None,
                 "payload": payload,
                 "region": region_png,
                 "payload_sha256": digest(payload) if payload is not None else None,

@@ -84,6 +84,8 @@ class SanitizationSpec(_Strict):
     canny_low: int = Field(default=100, ge=0, le=1000)
     canny_high: int = Field(default=200, ge=1, le=1000)
     blur_faces: bool = Field(default=True, description="blur faces inside released L2 pixels")
+    allow_box_as_mask: bool = Field(default=False, description="without a mask or a segmenter, release a "
+                                    "reference's whole box as its target (the background inside the box leaves too)")
 
     @model_validator(mode="after")
     def _thresholds_ordered(self):

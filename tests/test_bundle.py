@@ -243,10 +243,24 @@ def test_no_mask_at_l0_l0_needs_nothing(tmp_path):
     ]
 
 
-def test_box_is_the_mask_when_no_sam(tmp_path):
+@pytest.mark.parametrize("levels", [("L2", "L0"), ("L1", "L0"), ("L0", "L1"), ("L0", "L2"), ("L2", "L2")])
+def test_a_box_alone_is_refused_without_a_segmenter(tmp_path, levels):
+    """Without SAM the whole box would leave as the target, background inside it included."""
     image, _ = make_scene("floating", 6)
     uri = write(tmp_path / "a.png", png_bytes(image))
-    rows = sanitize_reference(item(0, uri, box=[20, 10, 70, 60]), "L2", "L0", SETTINGS, segment=None)
+    with pytest.raises(BadReference, match="allow_box_as_mask"):
+        sanitize_reference(item(0, uri, box=[20, 10, 70, 60]), *levels, SETTINGS, segment=None)
+    rows = sanitize_reference(item(0, uri, box=[20, 10, 70, 60]), "L0", "L0", SETTINGS, segment=None)
+    assert all(row["payload"] is None for row in rows)  # L0_L0 needs no region at all
+
+
+def test_box_is_the_mask_when_no_sam_and_the_request_opts_in(tmp_path):
+    image, _ = make_scene("floating", 6)
+    uri = write(tmp_path / "a.png", png_bytes(image))
+    settings = SETTINGS.model_copy(update={"allow_box_as_mask": True})
+    rows = sanitize_reference(item(0, uri, box=[20, 10, 70, 60]), "L2", "L0", settings, segment=None)
+    assert all(row["box_as_mask"] for row in rows)
+    assert "box_as_mask" not in SANITIZED_SCHEMA.names  # the flag is for the preview; it never leaves
     target = rows[0]
     region = decode_png(target["region"]) > 0
     expected = np.zeros(image.shape[:2], bool)

@@ -105,10 +105,14 @@ def test_local_l0_object_leaves_nothing_in_the_preview(tmp_path, scene_files, no
     assert page.count("data:image/png;base64,") == 1
 
 
-def test_local_with_a_box_and_no_sam_uses_the_box(tmp_path, scene_files, no_sam_model):
+def test_local_with_a_box_and_no_sam_is_refused_unless_allowed(tmp_path, scene_files, no_sam_model, capsys):
     image, _, img, _ = scene_files
     out = tmp_path / "out"
-    assert main(local(img, out, no_sam_model, "--box", "20,10,90,70", background="L2")) == 0
+    assert main(local(img, out, no_sam_model, "--box", "20,10,90,70", background="L2")) != 0
+    assert "allow_box_as_mask" in capsys.readouterr().err and not (out / "bundle.parquet").exists()
+    assert main(local(img, out, no_sam_model, "--box", "20,10,90,70", "--allow-box-as-mask", background="L2")) == 0
+    page = (out / "preview.html").read_text()
+    assert page.count('class="box-as-mask" style="color:red"') == 2  # both released objects warned
     rows = read_bundle(out)
     box = np.zeros(image.shape[:2], bool)
     box[10:70, 20:90] = True
@@ -138,8 +142,9 @@ def test_local_no_blur_faces_keeps_the_face(tmp_path, no_sam_model):
     x, y, w, h = detect_faces(photo)[0]
     box = f"{x - w // 2},{y - h // 2},{x + w + w // 2},{y + h + h // 2}"
     blurred, kept = tmp_path / "blurred", tmp_path / "kept"
-    assert main(local(str(img), blurred, no_sam_model, "--box", box, background="L0")) == 0
-    assert main(local(str(img), kept, no_sam_model, "--box", box, "--no-blur-faces", background="L0")) == 0
+    allow = "--allow-box-as-mask"
+    assert main(local(str(img), blurred, no_sam_model, "--box", box, allow, background="L0")) == 0
+    assert main(local(str(img), kept, no_sam_model, "--box", box, "--no-blur-faces", allow, background="L0")) == 0
     b, k = read_bundle(blurred)["target"], read_bundle(kept)["target"]
     assert b["faces_blurred"] >= 1 and k["faces_blurred"] == 0
     face = (slice(y, y + h), slice(x, x + w))

@@ -96,7 +96,7 @@ def test_l0_rows_release_nothing(scene):
         assert row["payload"] is None and row["region"] is None and row["payload_sha256"] is None
         assert row["mi"] == 0.0 and row["level"] == "L0"
         assert (row["ref_id"], row["label"]) == ("ref-0001", "floating")
-        assert (row["height"], row["width"]) == image.shape[:2]
+        assert row["height"] is None and row["width"] is None  # not even the size leaves
 
 
 @pytest.mark.parametrize("target, background", [("L1", "L2"), ("L2", "L1"), ("L2", "L2"), ("L1", "L1")])
@@ -199,6 +199,15 @@ def test_l0_background_pixels_never_reach_the_released_data(data, target, seed):
     after = sanitize_image("r", changed, mask, Level(target), Level.L0)
     assert _released(before) == _released(after)
     assert before[0]["payload"] is not None
+
+
+@PROPS
+@given(image_and_mask(), image_and_mask(), st.sampled_from([None, "a", "b"]))
+def test_l0_l0_releases_nothing_of_the_image_not_even_its_size(first, second, label):
+    """At L0_L0 two different photos (content, mask and size) give the server the very same rows."""
+    rows = [sanitize_image("r", image, mask, Level.L0, Level.L0, label=label) for image, mask in (first, second)]
+    assert rows[0] == rows[1]
+    assert all(row[key] is None for row in rows[0] for key in ("width", "height", "payload", "region"))
 
 
 @pytest.mark.parametrize("other", ["target", "background"])

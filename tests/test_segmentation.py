@@ -287,7 +287,7 @@ def png_file(path, array) -> str:
     return str(path)
 
 
-def test_without_sam_the_box_is_the_mask(tmp_path):
+def test_without_sam_the_box_is_the_mask_only_when_allowed(tmp_path):
     model = no_sam_model(tmp_path / "model")
     assert resolve_sam(model) is None
     lazy = LazySegmenter(model)
@@ -295,7 +295,9 @@ def test_without_sam_the_box_is_the_mask(tmp_path):
     image, _ = make_scene("resting", 9)
     uri = png_file(tmp_path / "ref.png", image)
     item = {"ref_id": "ref-0000", "uri": uri, "label": None, "mask_uri": None, "box": [25, 15, 95, 75], "points": None}
-    rows = sanitize_reference(item, "L2", "L2", SanitizationSpec(), segment=lazy)
+    with pytest.raises(BadReference, match="allow_box_as_mask"):
+        sanitize_reference(item, "L2", "L2", SanitizationSpec(), segment=lazy)
+    rows = sanitize_reference(item, "L2", "L2", SanitizationSpec(allow_box_as_mask=True), segment=lazy)
     target, background = rows
     expected = np.zeros(image.shape[:2], bool)
     expected[15:75, 25:95] = True
