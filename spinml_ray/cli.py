@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--http-port", type=int, default=8000)
     example = sub.add_parser("example", help="write the example request and its procedural images")
     example.add_argument("out_dir", nargs="?", default="examples")
+    sub.add_parser("spinbench", add_help=False, help="SpinBench's procedural benchmark (spinml spinbench -h)")
     return parser
 
 
@@ -202,6 +203,11 @@ def _batch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["spinbench"]:  # SpinBench reads its own arguments, options included (spinbench/cli.py)
+        from spinbench.cli import main as spinbench_main
+
+        return spinbench_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
