@@ -2,6 +2,9 @@
 
 - `world --user-seed N --out DIR`: write user N's request folder (request.yaml, references with
   exact masks, a test set per state) that `spinml run` accepts unchanged; prints the request's path.
+- `run --user-seed N --out DIR [--configs L0_L0,L2_L0,...] [--alphas 0.25,0.5] [--seeds K] [--baselines]`:
+  run the benchmark for user N through the batch job; writes DIR/results.json, results.md and
+  accuracy.png (see spinbench/bench.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,41 @@ def _parser() -> argparse.ArgumentParser:
     world.add_argument("--out", required=True, help="output folder")
     world.add_argument("--references-per-state", type=int, default=4, help="reference images per state (default 4)")
     world.add_argument("--test-per-state", type=int, default=25, help="test images per state (default 25)")
+    run = sub.add_parser("run", help="run the benchmark for one user through the batch job")
+    run.add_argument("--user-seed", type=int, required=True)
+    run.add_argument("--out", required=True, help="output folder (world, storage, results)")
+    run.add_argument("--configs", type=_configs, default=None, help="comma-separated, default: all six")
+    run.add_argument("--alphas", type=_floats, default=(), help="alphas besides 0, swept at L2_L0 (e.g. 0.25,0.5)")
+    run.add_argument("--seeds", type=int, default=5, help="seeds per configuration (default 5)")
+    run.add_argument("--baselines", action="store_true", help="also run the baselines on the same test set")
+    run.add_argument("--model", default="spinbench", help="model source (default: the shipped spinbench model)")
+    run.add_argument("--storage", default=None, help="storage root (default OUT/storage)")
+    run.add_argument("--address", default=None, help="Ray cluster (default: start a local one)")
+    run.add_argument("--num-cpus", type=int, default=None)
+    run.add_argument("--max-concurrent", type=int, default=None, help="requests in flight (default: CPUs / 2)")
+    run.add_argument("--images-per-label", type=int, default=32)
+    run.add_argument("--steps", type=int, default=20, help="sampling steps per image")
+    run.add_argument("--epochs", type=int, default=15, help="classifier epochs (requests and baselines)")
+    run.add_argument("--references-per-state", type=int, default=4)
+    run.add_argument("--test-per-state", type=int, default=25)
     return parser
+
+
+def _configs(text: str) -> tuple[str, ...]:
+    configs = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not configs or any(len(c.split("_")) != 2 or not set(c.split("_")) <= {"L0", "L1", "L2"} for c in configs):
+        raise argparse.ArgumentTypeError(f"configurations are Lx_Ly with x and y in 0-2, got {text!r}")
+    return configs
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = (-1.0,)
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"alphas are numbers from 0 to 1 separated by commas, got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         print(write_user_request(args.user_seed, args.out, references_per_state=args.references_per_state,
                                  test_per_state=args.test_per_state))
         return 0
+    if args.command == "run":
+        from spinbench.baselines import Training
+        from spinbench.bench import CONFIGS, plan, run_benchmark
+
+        if args.seeds < 1 or args.images_per_label < 1 or args.steps < 1 or args.epochs < 1:
+            parser.error("--seeds, --images-per-label, --steps and --epochs must be >= 1")
+        runs = plan(args.configs or CONFIGS, args.alphas, args.seeds)
+        results = run_benchmark(
+            args.user_seed, args.out, runs, model=args.model, storage_root=args.storage, address=args.address,
+            num_cpus=args.num_cpus, baselines=args.baselines, max_concurrent=args.max_concurrent,
+            synthesis={"images_per_label": args.images_per_label, "steps": args.steps},
+            training=Training(epochs=args.epochs), references_per_state=args.references_per_state,
+            test_per_state=args.test_per_state)
+        print(open(f"{args.out}/results.md").read())
+        failed = sum(len(row["failed"]) for row in results["configurations"].values())
+        return 1 if failed else 0
     parser.error(f"unknown command {args.command!r}")
     return 2
 
