@@ -34,5 +34,11 @@ bench: venv
 example: venv
 	$(BIN)/spinml example examples
 
+# The SpinBench diffusion model, trained from scratch on the procedural public corpus (about an hour on
+# a 2-core CPU); SPINBENCH_MODEL_ARGS overrides, e.g. "--seed 1 --unet-steps 2000".
+.PHONY: spinbench-model
+spinbench-model: venv
+	$(BIN)/python -m spinbench.model build --out spinbench/weights $(SPINBENCH_MODEL_ARGS)
+
 clean:
 	rm -rf spinml-data .pytest_cache

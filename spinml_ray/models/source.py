@@ -4,7 +4,8 @@ A source is one of:
 - `tiny`: the built-in preset (random weights, built in code; see `tiny.py`), cached on local disk;
 - a local directory in diffusers' layout (`model_index.json` at its top);
 - an `s3://bucket/prefix` holding such a directory, copied once into the local cache;
-- a model-hub id such as `runwayml/stable-diffusion-v1-5` (only on machines with internet access).
+- a model-hub id such as `runwayml/stable-diffusion-v1-5` (only on machines with internet access);
+- `spinbench`: the SpinBench model shipped in `spinbench/weights/` (built by `make spinbench-model`).
 
 ControlNet weights are looked up in the source's `controlnet/` subfolder unless a separate
 ControlNet source is given (e.g. `lllyasviel/sd-controlnet-canny` beside a hub base model).
@@ -15,6 +16,7 @@ folder and renamed into place, so concurrent workers never see a half-built mode
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import uuid
@@ -23,6 +25,7 @@ from spinml_ray import storage
 from spinml_ray.models.tiny import TINY_VERSION, build_tiny_pipeline
 
 TINY = "tiny"
+SPINBENCH = "spinbench"
 
 
 def cache_dir() -> str:
@@ -46,10 +49,27 @@ def _build_once(final: str, build) -> str:
     return final
 
 
+def spinbench_weights_dir() -> str:
+    """`weights/` of the spinbench package: where it is importable from, else beside `spinml_ray` (a checkout)."""
+    spec = importlib.util.find_spec("spinbench")
+    if spec is not None and spec.submodule_search_locations:
+        package = list(spec.submodule_search_locations)[0]
+    else:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        package = os.path.join(root, "spinbench")
+    return os.path.join(os.path.abspath(package), "weights")
+
+
 def resolve(source: str) -> str:
     """A local directory (or, for a hub id, the id itself) for `from_pretrained`."""
     if source == TINY:
         return _build_once(os.path.join(cache_dir(), TINY_VERSION), build_tiny_pipeline)
+    if source == SPINBENCH:  # before the directory case: a checkout's root has a `spinbench/` folder
+        path = spinbench_weights_dir()
+        if not os.path.exists(os.path.join(path, "model_index.json")):
+            raise ValueError(f"{path}: the spinbench model is not built (no model_index.json); "
+                             "run `make spinbench-model`")
+        return path
     if storage.is_s3(source):
         key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
         return _build_once(os.path.join(cache_dir(), f"s3-{key}"), lambda tmp: storage.download_dir(source, tmp))

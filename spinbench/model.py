@@ -1,0 +1,739 @@
+"""The `spinbench` diffusion model: Stable Diffusion 1.x's components, small, trained on the public corpus.
+
+`python -m spinbench.model build --out spinbench/weights` (or `make spinbench-model`) draws the public
+corpus of `spinbench.world` and trains, from scratch and deterministically by seed, the same component
+classes as Stable Diffusion 1.x, saved in diffusers' layout so that the service loads it through the
+code path that loads a real checkpoint (`StableDiffusionPipeline.from_pretrained(dir)`,
+`ControlNetModel.from_pretrained(dir/controlnet)`):
+
+1. **VAE** (`AutoencoderKL`, 32/64/64 channels, 3 resolution levels: 64 px images <-> 16x16x4
+   latents, so `vae_scale_factor` is 4). Loss: L1 + MSE of the reconstruction plus a small KL term;
+   the first 75% of its steps see 32 px crops (on the 4 px latent grid, 4 per image's cost), the
+   rest whole 64 px images. Its `scaling_factor` is 1 / std of the corpus's latents, as SD sets it.
+2. **Text encoder** (`CLIPTextModel`, hidden 64, 3 layers) with the real CLIP tokenizer, trained
+   jointly with the UNet on the corpus captions (it starts from random weights: freezing it would
+   leave the UNet random, unrelated token features to read).
+3. **UNet** (`UNet2DConditionModel`, 32/64/128 channels at 16/8/4 latent px, cross-attention to the
+   caption at 8 and 4 px). Epsilon prediction under SD's DDPM schedule (scaled-linear betas
+   0.00085-0.012, 1000 steps), Min-SNR-5 loss weighting, EMA of the weights, 10% empty captions so that
+   classifier-free guidance works. Captions are varied (appearance or room words dropped, or the
+   service's view/lighting/setting words appended, as `spinml_ray.synthesis.prompts` writes them) so
+   the model follows the short prompts the system sends.
+4. **ControlNet** (`ControlNetModel.from_unet`, conditioning embedding 16/32/64: 4x down to the
+   latents), trained with the UNet and text encoder frozen, on Canny edge maps as 3-channel images:
+   per sample the dog's edges, the room's edges or both merged (the three L1 conditionings), with
+   half the captions empty (as the ControlNet paper does) so that it learns to read the edges.
+
+The scheduler saved is SD 1.x's own (PNDM config, scaled-linear, `steps_offset=1`,
+`set_alpha_to_one=False`); the service makes DPM-Solver++ (and DDIM, Euler, ...) `from_config` of it.
+Weights are stored in float16 (the folder stays under 30 MB) and load as float32: diffusers upcasts
+when asked for float32, and the text encoder's config names float32 so transformers' "auto" dtype
+upcasts it even when no dtype is given (e.g. the personalization trainer's `from_pretrained`).
+
+Choices measured on the 2-core CPU this is built on (1 thread, CPU seconds per step):
+- Self-attention over 16x16 latents (256 tokens) with 8-wide heads cost more than every convolution
+  of the UNet (SDPA on CPU), so attention lives at 8x8 and 4x4 only, with 32-wide heads, and the top
+  level has 32 channels: about 1.0 s per batch-32 step, against 2-4 s for 64/128/128 with attention at
+  16x16. Fused AdamW saves ~80 ms a step over the default implementation.
+- The VAE's full-resolution decoder levels dominate its cost (about 1.2 s per step of 8 images or 32
+  crops), which is why its phase is short and mostly on crops.
+- Training latents are encoded once after the VAE phase (posterior mean and std, sampled each step),
+  so the UNet and ControlNet phases never run the encoder. No flip augmentation: the world already
+  draws each dog facing left or right.
+- Corpus: 6000 images (about a minute to draw with their edge maps). The UNet phase sees about 90,000
+  samples, so each image about 15 times; a larger corpus would cost drawing and encoding time for
+  little gain at this step budget, a smaller one would be seen more often than a 4M-parameter
+  model needs.
+- Defaults (1000 / 2800 / 900 steps) are sized for about 55 minutes with 2 threads on that CPU,
+  assuming 2 threads run 1.6x faster than the measured 1-thread rates; the build prints its
+  measured rate and ETA every `log_every` steps.
+
+A build is deterministic for a given seed, recipe, thread count and library versions (each phase
+draws from its own generators, seeded from the build seed); `first_losses` replays the first steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LATENT_CHANNELS = 4
+TEXT_HIDDEN = 64
+MAX_TOKENS = 77
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012
+PHASES = ("vae", "unet", "controlnet")
+# Measured at 1 thread on the build machine (batch sizes of `Recipe`), used only for the ETA of the phases
+# not yet started: scaled by how fast the current phase runs against its own reference.
+REFERENCE_SECONDS_PER_STEP = {"vae": 1.2, "unet": 1.0, "controlnet": 1.2}
+
+
+@dataclass
+class Recipe:
+    """Everything a build depends on besides the code: same recipe and seed, same weights."""
+
+    seed: int = 0
+    corpus_size: int = 6000
+    vae_steps: int = 1000
+    unet_steps: int = 2800
+    controlnet_steps: int = 900
+    vae_batch_size: int = 8  # full images; the crop steps take 4x as many 32 px crops (same cost)
+    vae_crop_fraction: float = 0.75  # the first 75% of VAE steps train on 32 px crops, the rest on 64 px
+    batch_size: int = 32  # UNet and ControlNet phases
+    vae_lr: float = 6e-4
+    unet_lr: float = 4e-4
+    controlnet_lr: float = 3e-4
+    kl_weight: float = 1e-4  # times the KL per latent element (reconstruction losses are per pixel means)
+    vae_logvar_init: float = -6.0  # posterior log-variance the encoder starts from (std 0.05, not 1)
+    caption_dropout: float = 0.1
+    controlnet_caption_dropout: float = 0.5  # ControlNet paper: half the prompts empty, so edges are read
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    log_every: int = 50
+
+
+# ------------------------------------------------------------------------------------------------
+# components
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=16,
+        sample_size=64,
+    )
+
+
+def make_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from spinml_ray.models.tokenizer import VOCAB_SIZE
+
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=(1, 2, 4),  # diffusers reads this as the number of heads: 32 wide each
+        norm_num_groups=8,
+    )
+
+
+def make_controlnet(unet):
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
+
+
+def make_scheduler():
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=BETA_START,
+        beta_end=BETA_END,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def load_tokenizer(directory: str):
+    from transformers import CLIPTokenizer
+
+    from spinml_ray.models.tokenizer import write_clip_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(directory, max_length=MAX_TOKENS))
+    if len(tokenizer) <= 2:
+        raise RuntimeError(f"{directory}: CLIP tokenizer loaded without its vocabulary")
+    return tokenizer
+
+
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Corpus:
+    images: np.ndarray  # N x 64 x 64 x 3 uint8
+    target_edges: np.ndarray  # N x 64 x 64 uint8 0/255
+    background_edges: np.ndarray  # N x 64 x 64 uint8 0/255
+    captions: list[tuple[str, ...]]  # per sample: full, without room, without appearance, bare
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def make_corpus(n: int, seed: int) -> Corpus:
+    from spinbench.world import STATE_PHRASES, SUBJECT, prompt_for, public_corpus
+
+    samples = public_corpus(n, seed=seed)
+    captions = []
+    for s in samples:
+        phrase = STATE_PHRASES[s.state]
+        captions.append((
+            s.caption,
+            f"a photo of a {s.appearance.words} {SUBJECT} {phrase}",
+            f"a photo of a {SUBJECT} {phrase} in a {s.room.words} room",
+            prompt_for(s.state),
+        ))
+    return Corpus(
+        images=np.stack([s.image for s in samples]),
+        target_edges=np.stack([s.target_edges for s in samples]),
+        background_edges=np.stack([s.background_edges for s in samples]),
+        captions=captions,
+    )
+
+
+class Captions:
+    """Draws a training caption per sample: empty with p = dropout, else a variant of its caption, a
+    third of the time followed by the service's view/lighting(/setting) words."""
+
+    VARIANT_WEIGHTS = np.array([0.55, 0.15, 0.15, 0.15])
+
+    def __init__(self, corpus: Corpus, tokenizer):
+        from spinml_ray.synthesis import prompts
+
+        self.corpus, self.tokenizer, self._ids = corpus, tokenizer, {}
+        self.views, self.lighting, self.settings = prompts.VIEWS, prompts.LIGHTING, prompts.SETTINGS
+
+    def draw(self, index: int, dropout: float, rng: np.random.Generator) -> str:
+        if rng.random() < dropout:
+            return ""
+        caption = self.corpus.captions[index][int(rng.choice(4, p=self.VARIANT_WEIGHTS))]
+        if rng.random() < 1 / 3:
+            extra = [self.views[rng.integers(len(self.views))], self.lighting[rng.integers(len(self.lighting))]]
+            if rng.random() < 0.5:
+                extra.append(self.settings[rng.integers(len(self.settings))])
+            caption = ", ".join([caption, *extra]) + "."
+        return caption
+
+    def ids(self, captions: list[str]) -> torch.Tensor:
+        rows = []
+        for caption in captions:
+            if caption not in self._ids:
+                self._ids[caption] = self.tokenizer(
+                    caption, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+                ).input_ids[0]
+            rows.append(self._ids[caption])
+        return torch.stack(rows)
+
+
+def _pixels(images: np.ndarray, flip: np.ndarray) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1], horizontally flipped where `flip`."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if flip.any():
+        x[torch.from_numpy(flip)] = x[torch.from_numpy(flip)].flip(-1)
+    return x.contiguous()
+
+
+def _edges(corpus: Corpus, index: np.ndarray, kind: np.ndarray) -> torch.Tensor:
+    """The conditioning image per sample: 0 dog edges, 1 room edges, 2 both; 3 channels in [0, 1]."""
+    target, background = corpus.target_edges[index], corpus.background_edges[index]
+    edges = np.where((kind == 0)[:, None, None], target,
+                     np.where((kind == 1)[:, None, None], background, np.maximum(target, background)))
+    x = torch.from_numpy(edges).float().div(255.0)
+    return x[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# training helpers
+
+
+def _lr_lambda(steps: int, warmup: int):
+    warmup = max(1, min(warmup, steps // 10))
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Ema:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for shadow, p in zip(self.shadow, self.params):
+            p.copy_(shadow)
+
+
+class Progress:
+    def __init__(self, phase: str, steps: int, later: dict[str, int], log_every: int, quiet: bool):
+        self.phase, self.steps, self.later, self.log_every, self.quiet = phase, steps, later, log_every, quiet
+        self.start, self.cpu_start = time.time(), time.process_time()
+        self.window: list[float] = []
+
+    def step(self, step: int, loss: float) -> None:
+        self.window.append(loss)
+        done = step + 1
+        if self.quiet or (done % self.log_every and done != self.steps):
+            return
+        elapsed = time.time() - self.start
+        rate = elapsed / done
+        left = rate * (self.steps - done)
+        speed = rate / REFERENCE_SECONDS_PER_STEP[self.phase]
+        later = sum(n * REFERENCE_SECONDS_PER_STEP[p] * speed for p, n in self.later.items())
+        cpu = (time.process_time() - self.cpu_start) / done
+        print(f"[{self.phase}] step {done}/{self.steps} loss {np.mean(self.window):.4f} "
+              f"({rate:.2f} s/step, {cpu:.2f} CPU s/step; phase ETA {left / 60:.1f} min, "
+              f"build ETA {(left + later) / 60:.1f} min)", flush=True)
+        self.window = []
+
+
+def _final(losses: list[float], last: int = 50) -> float | None:
+    return float(np.mean(losses[-last:])) if losses else None
+
+
+class Trainer:
+    """The three training phases of a build, in order; every random draw comes from `recipe.seed`."""
+
+    def __init__(self, recipe: Recipe, corpus: Corpus, tokenizer, quiet: bool = False):
+        from diffusers import DDPMScheduler
+
+        self.recipe, self.corpus, self.tokenizer, self.quiet = recipe, corpus, tokenizer, quiet
+        self.captions = Captions(corpus, tokenizer)
+        self.noise_scheduler = DDPMScheduler(beta_start=BETA_START, beta_end=BETA_END,
+                                             beta_schedule="scaled_linear", num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+        alphas = self.noise_scheduler.alphas_cumprod
+        self.snr = alphas / (1.0 - alphas)
+        self.losses: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.seconds: dict[str, float] = {}
+        self.latent_stats: dict[str, float] = {}
+
+    # phase seeds: independent streams per phase, all from the build seed
+    def _streams(self, phase: int) -> tuple[np.random.Generator, torch.Generator]:
+        seed = self.recipe.seed * 1000 + phase
+        torch.manual_seed(seed)  # module initialisation
+        return np.random.default_rng([self.recipe.seed, phase]), torch.Generator("cpu").manual_seed(seed)
+
+    def _later(self, phase: str) -> dict[str, int]:
+        r = self.recipe
+        steps = {"vae": r.vae_steps, "unet": r.unet_steps, "controlnet": r.controlnet_steps}
+        return {p: steps[p] for p in PHASES[PHASES.index(phase) + 1:]}
+
+    def _optimizer(self, groups, lr: float, steps: int):
+        # fused: on this CPU a tenth of the for-each implementation's time (~80 ms a UNet step)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, self.recipe.warmup_steps))
+
+    def _apply(self, loss: torch.Tensor, optimizer, schedule, params) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+
+    # -- phase 1 ----------------------------------------------------------------------------------
+    def train_vae(self):
+        r, start = self.recipe, time.time()
+        rng, gen = self._streams(1)
+        vae = make_vae()
+        with torch.no_grad():  # start nearly deterministic: a std-1 posterior would drown the signal
+            vae.quant_conv.bias[LATENT_CHANNELS:].fill_(r.vae_logvar_init)
+        vae.train()
+        params = list(vae.parameters())
+        optimizer, schedule = self._optimizer(params, r.vae_lr, r.vae_steps)
+        progress = Progress("vae", r.vae_steps, self._later("vae"), r.log_every, self.quiet)
+        crop_steps = int(round(r.vae_steps * r.vae_crop_fraction))
+        for step in range(r.vae_steps):
+            crop = step < crop_steps
+            index = rng.integers(0, len(self.corpus), r.vae_batch_size * (4 if crop else 1))
+            x = _pixels(self.corpus.images[index], rng.random(len(index)) < 0.5)
+            if crop:  # a 32 px window per image, on the 4 px latent grid
+                y0, x0 = (rng.integers(0, 9, len(index)) * 4 for _ in range(2))
+                x = torch.stack([img[:, a:a + 32, b:b + 32] for img, a, b in zip(x, y0, x0)])
+            posterior = vae.encode(x).latent_dist
+            reconstruction = vae.decode(posterior.sample(generator=gen)).sample
+            kl = posterior.kl().mean() / posterior.mean[0].numel()
+            loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + r.kl_weight * kl
+            self._apply(loss, optimizer, schedule, params)
+            self.losses["vae"].append(loss.item())
+            progress.step(step, loss.item())
+        vae.eval().requires_grad_(False)
+        self.vae = vae
+        self.seconds["vae"] = time.time() - start
+        start = time.time()
+        self._encode_corpus(gen)
+        self.seconds["encode"] = time.time() - start
+        return vae
+
+    @torch.no_grad()
+    def _encode_corpus(self, gen: torch.Generator, chunk: int = 64) -> None:
+        """Posterior mean and std of every corpus image, [index, 4, 16, 16]. No flipped copies: the world
+        already draws each dog facing left or right."""
+        means, stds = [], []
+        for i in range(0, len(self.corpus), chunk):
+            images = self.corpus.images[i:i + chunk]
+            posterior = self.vae.encode(_pixels(images, np.zeros(len(images), bool))).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+        self.latent_mean, self.latent_std = torch.cat(means), torch.cat(stds)
+        sample = self.latent_mean + self.latent_std * torch.randn(self.latent_mean.shape, generator=gen)
+        std = float(sample.std())
+        self.scaling_factor = 1.0 / std
+        self.vae.register_to_config(scaling_factor=self.scaling_factor)
+        self.latent_stats = {"mean": float(sample.mean()), "std": std, "scaling_factor": self.scaling_factor,
+                             "posterior_std_mean": float(self.latent_std.mean())}
+
+    def _latents(self, index: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        i = torch.from_numpy(index)
+        mean, std = self.latent_mean[i], self.latent_std[i]
+        return (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling_factor
+
+    def _noised(self, latents: torch.Tensor, gen: torch.Generator):
+        noise = torch.randn(latents.shape, generator=gen)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (latents.shape[0],), generator=gen)
+        return self.noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+    def _loss(self, prediction: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Epsilon MSE per sample, weighted by min(SNR, gamma) / SNR (Min-SNR weighting)."""
+        snr = self.snr[timesteps]
+        weight = torch.clamp(snr, max=self.recipe.min_snr_gamma) / snr
+        per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (weight * per_sample).mean()
+
+    # -- phase 2 ----------------------------------------------------------------------------------
+    def train_unet(self):
+        r, start = self.recipe, time.time()
+        rng, gen = self._streams(2)
+        text_encoder, unet = make_text_encoder(), make_unet()
+        text_encoder.train()
+        unet.train()
+        groups = [{"params": list(unet.parameters()), "weight_decay": 1e-2},
+                  {"params": list(text_encoder.parameters()), "weight_decay": 0.0}]
+        params = groups[0]["params"] + groups[1]["params"]
+        optimizer, schedule = self._optimizer(groups, r.unet_lr, r.unet_steps)
+        ema = Ema(params, r.ema_decay)
+        progress = Progress("unet", r.unet_steps, self._later("unet"), r.log_every, self.quiet)
+        for step in range(r.unet_steps):
+            index = rng.integers(0, len(self.corpus), r.batch_size)
+            ids = self.captions.ids([self.captions.draw(int(i), r.caption_dropout, rng) for i in index])
+            noisy, noise, timesteps = self._noised(self._latents(index, gen), gen)
+            context = text_encoder(ids)[0]
+            prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            loss = self._loss(prediction, noise, timesteps)
+            self._apply(loss, optimizer, schedule, params)
+            ema.update()
+            self.losses["unet"].append(loss.item())
+            progress.step(step, loss.item())
+        ema.copy_to_params()
+        for module in (text_encoder, unet):
+            module.eval().requires_grad_(False)
+        self.text_encoder, self.unet = text_encoder, unet
+        self.seconds["unet"] = time.time() - start
+        return text_encoder, unet
+
+    # -- phase 3 ----------------------------------------------------------------------------------
+    def train_controlnet(self):
+        r, start = self.recipe, time.time()
+        rng, gen = self._streams(3)
+        controlnet = make_controlnet(self.unet)
+        controlnet.train()
+        params = list(controlnet.parameters())
+        optimizer, schedule = self._optimizer([{"params": params, "weight_decay": 1e-2}], r.controlnet_lr,
+                                              r.controlnet_steps)
+        ema = Ema(params, r.ema_decay)
+        progress = Progress("controlnet", r.controlnet_steps, {}, r.log_every, self.quiet)
+        for step in range(r.controlnet_steps):
+            index = rng.integers(0, len(self.corpus), r.batch_size)
+            kind = rng.integers(0, 3, len(index))
+            ids = self.captions.ids([self.captions.draw(int(i), r.controlnet_caption_dropout, rng) for i in index])
+            noisy, noise, timesteps = self._noised(self._latents(index, gen), gen)
+            with torch.no_grad():
+                context = self.text_encoder(ids)[0]
+            down, mid = controlnet(noisy, timesteps, encoder_hidden_states=context,
+                                   controlnet_cond=_edges(self.corpus, index, kind), return_dict=False)
+            prediction = self.unet(noisy, timesteps, encoder_hidden_states=context,
+                                   down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            loss = self._loss(prediction, noise, timesteps)
+            self._apply(loss, optimizer, schedule, params)
+            ema.update()
+            self.losses["controlnet"].append(loss.item())
+            progress.step(step, loss.item())
+        ema.copy_to_params()
+        controlnet.eval().requires_grad_(False)
+        self.controlnet = controlnet
+        self.seconds["controlnet"] = time.time() - start
+        return controlnet
+
+    def run(self) -> None:
+        self.train_vae()
+        self.train_unet()
+        self.train_controlnet()
+
+
+# ------------------------------------------------------------------------------------------------
+# build, save, reproduce
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def save(trainer: Trainer, out_dir: str, report: dict) -> None:
+    """diffusers' layout, weights stored as float16 (loaded as float32 unless asked otherwise)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    vae, text_encoder, unet, controlnet = (copy.deepcopy(m).half() for m in
+                                           (trainer.vae, trainer.text_encoder, trainer.unet, trainer.controlnet))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=trainer.tokenizer, unet=unet,
+                                   scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+    controlnet.save_pretrained(os.path.join(out_dir, "controlnet"))
+    # transformers' default dtype ("auto") follows the config: float32 makes it upcast the float16 weights.
+    config_path = os.path.join(out_dir, "text_encoder", "config.json")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config["dtype"] = "float32"
+    config.pop("torch_dtype", None)
+    with open(config_path, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+    report["weights_bytes"] = _folder_bytes(out_dir)
+    with open(os.path.join(out_dir, "spinbench.json"), "w") as handle:
+        json.dump(report, handle, indent=2, sort_keys=True)
+
+
+def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps: int | None = None,
+          controlnet_steps: int | None = None, batch_size: int | None = None, vae_batch_size: int | None = None,
+          corpus_size: int | None = None, threads: int | None = None, log_every: int | None = None,
+          quiet: bool = False) -> dict:
+    """Train the spinbench model from `seed` and save it to `out_dir` (replaced when it exists).
+
+    Returns the report also written to `out_dir/spinbench.json`."""
+    if threads:
+        torch.set_num_threads(threads)
+    recipe = Recipe(seed=seed)
+    for name, value in dict(vae_steps=vae_steps, unet_steps=unet_steps, controlnet_steps=controlnet_steps,
+                            batch_size=batch_size, vae_batch_size=vae_batch_size, corpus_size=corpus_size,
+                            log_every=log_every).items():
+        if value is not None:
+            setattr(recipe, name, value)
+    start = time.time()
+    out_dir = os.path.abspath(out_dir)
+    tmp = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tokenizer = load_tokenizer(os.path.join(tmp, "tokenizer"))
+        if not quiet:
+            print(f"spinbench model: drawing {recipe.corpus_size} public images (seed {seed}); "
+                  f"{torch.get_num_threads()} threads", flush=True)
+        corpus = make_corpus(recipe.corpus_size, seed)
+        corpus_seconds = time.time() - start
+        trainer = Trainer(recipe, corpus, tokenizer, quiet=quiet)
+        trainer.run()
+        modules = {"vae": trainer.vae, "text_encoder": trainer.text_encoder, "unet": trainer.unet,
+                   "controlnet": trainer.controlnet}
+        report = {
+            "recipe": asdict(recipe),
+            "seed": seed,
+            "corpus_size": len(corpus),
+            "steps": {"vae": recipe.vae_steps, "unet": recipe.unet_steps, "controlnet": recipe.controlnet_steps},
+            "final_losses": {p: _final(trainer.losses[p]) for p in PHASES},
+            "first_losses": {p: trainer.losses[p][:5] for p in PHASES},
+            "params": {name: n_params(m) for name, m in modules.items()},
+            "latents": trainer.latent_stats,
+            "threads": torch.get_num_threads(),
+            "seconds": {"corpus": corpus_seconds, **trainer.seconds},
+            "versions": _versions(),
+        }
+        report["wall_seconds"] = time.time() - start
+        save(trainer, tmp, report)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not quiet:
+        print(f"spinbench model saved to {out_dir} ({report['weights_bytes'] / 1e6:.1f} MB, "
+              f"{report['wall_seconds'] / 60:.1f} min)", flush=True)
+    return report
+
+
+def first_losses(seed: int, steps: int = 5, corpus_size: int = 16, batch_size: int = 4) -> dict[str, list[float]]:
+    """The first `steps` training losses of every phase from `seed`, on a small corpus (nothing saved)."""
+    recipe = Recipe(seed=seed, corpus_size=corpus_size, vae_steps=steps, unet_steps=steps, controlnet_steps=steps,
+                    vae_batch_size=batch_size, batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_tokenizer(os.path.join(tmp, "tokenizer"))
+    trainer = Trainer(recipe, make_corpus(corpus_size, seed), tokenizer, quiet=True)
+    trainer.run()
+    return trainer.losses
+
+
+# ------------------------------------------------------------------------------------------------
+# sample grids
+
+
+def _grid(rows: list[list[np.ndarray]], scale: int = 2) -> np.ndarray:
+    from PIL import Image
+
+    grid = np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
+    image = Image.fromarray(grid)
+    return np.asarray(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
+
+
+def sample(model_dir: str, out: str, seed: int = 0, per_state: int = 6, steps: int = 20, guidance: float = 5.0,
+           references: int = 4) -> list[str]:
+    """txt2img grid (a row per state) and ControlNet grid (per held-out image: dog / room / both edges,
+    each followed by its image), DPM-Solver++; returns the PNG paths."""
+    from diffusers import (ControlNetModel, DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline,
+                           StableDiffusionPipeline)
+    from PIL import Image
+
+    from spinbench.world import STATES, prompt_for, public_corpus
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+
+    def to_uint8(images) -> list[np.ndarray]:
+        return [(np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8) for a in images]
+
+    rows = []
+    for k, state in enumerate(STATES):
+        generators = [torch.Generator("cpu").manual_seed(seed * 1000 + k * 100 + j) for j in range(per_state)]
+        result = pipe([prompt_for(state)] * per_state, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generators, height=64, width=64, output_type="np")
+        rows.append(to_uint8(result.images))
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    Image.fromarray(_grid(rows)).save(out)
+    paths = [out]
+
+    controlnet_dir = os.path.join(model_dir, "controlnet")
+    if os.path.isdir(controlnet_dir):
+        net = ControlNetModel.from_pretrained(controlnet_dir, dtype=torch.float32)
+        control = StableDiffusionControlNetPipeline(**pipe.components, controlnet=net, requires_safety_checker=False)
+        control.set_progress_bar_config(disable=True)
+        held_out = public_corpus(references, seed=seed + 7919)  # a seed the build's corpus does not use
+        rows = []
+        for j, s in enumerate(held_out):
+            conditions = [s.target_edges, s.background_edges, np.maximum(s.target_edges, s.background_edges)]
+            images = [Image.fromarray(c).convert("RGB") for c in conditions]
+            result = control([prompt_for(s.state)] * 3, image=images, num_inference_steps=steps,
+                             guidance_scale=guidance, output_type="np", height=64, width=64,
+                             generator=[torch.Generator("cpu").manual_seed(seed * 1000 + j) for _ in range(3)])
+            row = [s.image]
+            for condition, generated in zip(conditions, to_uint8(result.images)):
+                row += [np.repeat(condition[..., None], 3, axis=2), generated]
+            rows.append(row)
+        root, ext = os.path.splitext(out)
+        path = f"{root}-controlnet{ext or '.png'}"
+        Image.fromarray(_grid(rows)).save(path)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spinbench.model", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train the model and save it in diffusers' layout")
+    b.add_argument("--out", required=True)
+    b.add_argument("--seed", type=int, default=0)
+    defaults = Recipe()
+    b.add_argument("--corpus-size", type=int, default=defaults.corpus_size)
+    b.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
+    b.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
+    b.add_argument("--controlnet-steps", type=int, default=defaults.controlnet_steps)
+    b.add_argument("--batch-size", type=int, default=defaults.batch_size, help="UNet and ControlNet phases")
+    b.add_argument("--vae-batch-size", type=int, default=defaults.vae_batch_size,
+                   help="64 px images per VAE step (crop steps take 4x as many 32 px crops)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between progress lines")
+    s = sub.add_parser("sample", help="write txt2img and ControlNet sample grids of a saved model")
+    s.add_argument("--model", default="spinbench/weights")
+    s.add_argument("--out", default="spinbench-samples.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--guidance", type=float, default=5.0)
+    s.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        build(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+              controlnet_steps=args.controlnet_steps, batch_size=args.batch_size,
+              vae_batch_size=args.vae_batch_size, corpus_size=args.corpus_size, threads=args.threads,
+              log_every=args.log_every)
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for path in sample(args.model, args.out, seed=args.seed, steps=args.steps, guidance=args.guidance):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The spinbench model source: a reproducible build that the service loads like a real checkpoint."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from spinml_ray.images import decode_png, encode_png
+from spinml_ray.models import source
+from spinml_ray.synthesis.workitems import WorkItem
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_first_training_steps_are_reproducible_from_the_seed():
+    from spinbench.model import PHASES, first_losses
+
+    first = first_losses(0, steps=3, corpus_size=8, batch_size=2)
+    assert set(first) == set(PHASES) and all(len(first[p]) == 3 for p in PHASES)
+    assert all(np.isfinite(first[p]).all() for p in PHASES)
+    again = first_losses(0, steps=3, corpus_size=8, batch_size=2)
+    for phase in PHASES:
+        np.testing.assert_allclose(again[phase], first[phase], rtol=0, atol=1e-6)
+    other = first_losses(1, steps=3, corpus_size=8, batch_size=2)
+    for phase in PHASES:
+        assert not np.allclose(other[phase], first[phase], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from spinbench.model import build
+
+    threads = torch.get_num_threads()
+    out = str(tmp_path_factory.mktemp("spinbench") / "weights")
+    try:
+        report = build(out, seed=0, vae_steps=2, unet_steps=2, controlnet_steps=2, batch_size=2, vae_batch_size=2,
+                       corpus_size=8, threads=1, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out, report
+
+
+def test_a_short_build_writes_a_diffusers_folder_with_its_report(built):
+    out, report = built
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"][1] == "CLIPTextModel" and index["tokenizer"][1] == "CLIPTokenizer"
+    assert os.path.exists(os.path.join(out, "controlnet", "config.json"))
+    on_disk = json.load(open(os.path.join(out, "spinbench.json")))
+    assert on_disk["seed"] == 0 and on_disk["corpus_size"] == 8
+    assert on_disk["steps"] == {"vae": 2, "unet": 2, "controlnet": 2}
+    assert set(on_disk["final_losses"]) == {"vae", "unet", "controlnet"}
+    assert on_disk["params"]["unet"] > 1_000_000 and "torch" in on_disk["versions"]
+    assert on_disk["weights_bytes"] < 30_000_000
+    vae = json.load(open(os.path.join(out, "vae", "config.json")))
+    assert vae["scaling_factor"] == pytest.approx(report["latents"]["scaling_factor"])
+
+
+def test_service_engine_loads_the_build_and_generates_txt2img_and_controlnet(built):
+    from spinml_ray.synthesis.engine import DiffusionEngine
+
+    out, _ = built
+    engine = DiffusionEngine(out, device="cpu")
+    base = engine.pipes["txt2img"]
+    assert len(base.tokenizer) > 2 and base.vae_scale_factor == 4
+    assert base.unet.dtype == torch.float32 and base.text_encoder.dtype == torch.float32  # fp16 on disk, upcast
+    assert "controlnet" in engine.kinds
+    edges = np.zeros((64, 64), np.uint8)
+    edges[16:48, 20] = edges[16:48, 44] = edges[16, 20:45] = 255  # a 0/255 single-channel map, as L1 releases
+    common = dict(request_id="r", tenant="t", label="sitting", pool="L1_L0", prompt="a photo of a dog sitting",
+                  seed=5, resolution=64, steps=3, guidance=5.0)
+    items = [WorkItem(image_id="txt", **{**common, "pool": "L0_L0"}),
+             WorkItem(image_id="cn", control_image=encode_png(edges), **common),
+             WorkItem(image_id="ddim", scheduler="ddim", **{**common, "pool": "L0_L0"})]
+    assert items[0].scheduler == items[1].scheduler == "dpmsolver++"  # the service's default
+    images = engine.generate(items)
+    assert [g.kind for g in images] == ["txt2img", "controlnet", "txt2img"]
+    for generated in images:
+        pixels = decode_png(generated.image)
+        assert pixels.shape == (64, 64, 3)
+
+
+def test_spinbench_source_refuses_missing_weights_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(source, "spinbench_weights_dir", lambda: str(tmp_path / "weights"))
+    with pytest.raises(ValueError, match="make spinbench-model"):
+        source.resolve("spinbench")
+    (tmp_path / "weights").mkdir()  # a folder without model_index.json is not a model either
+    with pytest.raises(ValueError, match="make spinbench-model"):
+        source.resolve("spinbench")
+
+
+def test_spinbench_source_resolves_to_the_shipped_folder(built, monkeypatch):
+    out, _ = built
+    assert source.spinbench_weights_dir().endswith(os.path.join("spinbench", "weights"))
+    monkeypatch.setattr(source, "spinbench_weights_dir", lambda: out)
+    assert source.resolve("spinbench") == out
+    assert source.resolve_controlnet("spinbench") == os.path.join(out, "controlnet")
