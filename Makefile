@@ -36,9 +36,18 @@ example: venv
 
 # The SpinBench diffusion model, trained from scratch on the procedural public corpus (about an hour on
 # a 2-core CPU); SPINBENCH_MODEL_ARGS overrides, e.g. "--seed 1 --unet-steps 2000".
-.PHONY: spinbench-model
+.PHONY: spinbench-model spinbench
 spinbench-model: venv
 	$(BIN)/python -m spinbench.model build --out spinbench/weights $(SPINBENCH_MODEL_ARGS)
+
+# The full SpinBench benchmark: every configuration, alpha 0.25 and 0.5 at L2_L0, 5 seeds, the
+# baselines, for each user seed (hours on a 2-core CPU); results in spinml-data/spinbench/user-N/.
+SPINBENCH_USERS ?= 0 1 2
+spinbench: venv
+	for user in $(SPINBENCH_USERS); do \
+	  $(BIN)/spinml spinbench run --user-seed $$user --alphas 0.25,0.5 --seeds 5 --baselines \
+	    --out spinml-data/spinbench/user-$$user $(SPINBENCH_ARGS) || exit 1; \
+	done
 
 clean:
 	rm -rf spinml-data .pytest_cache

@@ -104,3 +104,29 @@ def test_cli_refuses_bad_configurations():
         main(["run", "--user-seed", "1", "--out", "x", "--configs", "L3_L0"])
     with pytest.raises(SystemExit):
         main(["run", "--user-seed", "1", "--out", "x", "--alphas", "2"])
+
+
+def test_demo_sheet_shows_the_releases_and_the_images_per_label():
+    from spinbench.demo import TILE, sheet
+    from spinml_ray.images import encode_png
+
+    user = make_user(0)
+    refs = user_samples(user, 1, "references")
+    sanitized = []
+    for i, ref in enumerate(refs):
+        pixels, _, _ = release(ref.image, ref.mask, Level.L2)
+        sanitized += [{"ref_id": f"ref-{i}", "object": "target", "payload": encode_png(pixels)},
+                      {"ref_id": f"ref-{i}", "object": "background", "payload": None}]
+    synthetic = [{"label": state, "image": encode_png(ref.image)} for state, ref in zip(STATES, refs)]
+    picture = sheet(sanitized, synthetic, list(STATES), per_label=4)
+    rows = (picture.shape[0] - 2) // (2 * TILE + 2)
+    assert rows == 2 + len(STATES) and picture.shape[1] == 4 * (2 * TILE + 2) + 2
+    def tile(row, column):
+        y, x = 2 + row * (2 * TILE + 2), 2 + column * (2 * TILE + 2)
+        return picture[y:y + 2 * TILE:2, x:x + 2 * TILE:2]
+
+    first_release = release(refs[0].image, refs[0].mask, Level.L2)[0]
+    assert np.array_equal(tile(0, 0), first_release)  # the target's payload, exactly as released
+    assert (tile(1, 0) == 40).all()  # the background at L0: nothing left, an empty tile
+    assert np.array_equal(tile(2, 0), refs[0].image)  # then a row of images per label
+    assert np.array_equal(tile(3, 0), refs[1].image) and not tile(3, 1).any()
