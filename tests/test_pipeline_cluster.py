@@ -376,3 +376,12 @@ def test_an_out_of_memory_training_fails_alone_with_a_clear_error(tmp_path, synt
     assert storage.read_manifest(jobs[1][1].model) is None  # nothing delivered for it
     assert isinstance(fits, dict) and fits["n"] == 8
     assert storage.read_manifest(jobs[0][1].model) is not None
+
+
+def test_a_running_app_with_another_model_is_never_silently_used(synthesis, http_port, synthesis_storage):
+    from spinml_ray.synthesis.service import ensure_running
+
+    with pytest.raises(RuntimeError, match="serves model 'tiny', not 'spinbench'"):
+        ensure_running("spinbench", http_port=http_port, storage_root=synthesis_storage)
+    handle, started = ensure_running("tiny", http_port=http_port, storage_root=synthesis_storage)
+    assert not started

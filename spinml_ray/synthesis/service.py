@@ -274,6 +274,7 @@ def build_app(model: str = "tiny", controlnet: Optional[str] = None, storage_roo
 def ensure_running(model: str = "tiny", controlnet: Optional[str] = None, http_host: str = "127.0.0.1",
                    http_port: int = 8000, **app_options):
     """(diffusion handle, started): reuse the running synthesis app, or deploy one (started=True).
+    A running app that serves another model is an error, never silently used.
 
     Serialised within the process, so concurrent requests of a batch job never deploy it twice."""
     from spinml_ray.cluster import cluster_gpus, synthesis_gpu_share
@@ -288,4 +289,8 @@ def ensure_running(model: str = "tiny", controlnet: Optional[str] = None, http_h
             serve.start(http_options={"host": http_host, "port": http_port})
             app_options.setdefault("gpus_per_replica", synthesis_gpu_share(cluster_gpus()))
             serve.run(build_app(model, controlnet, **app_options), name=APP_NAME, route_prefix=ROUTE_PREFIX)
-    return serve.get_deployment_handle("DiffusionDeployment", app_name=APP_NAME), started
+        handle = serve.get_deployment_handle("DiffusionDeployment", app_name=APP_NAME)
+        if not started and (served := handle.info.remote().result()["model"]) != model:
+            raise RuntimeError(f"the running synthesis app serves model {served!r}, not {model!r}: run with "
+                               f"--model {served}, or remove that app first (serve.delete({APP_NAME!r}))")
+    return handle, started
