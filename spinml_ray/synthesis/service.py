@@ -145,12 +145,6 @@ def _field_errors(exc: ValidationError) -> list[dict]:
     return [{"loc": [str(part) for part in error["loc"]], "msg": error["msg"]} for error in exc.errors()]
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
 @serve.deployment(name="SynthesisAPI", max_ongoing_requests=256)
 @serve.ingress(api)
 class SynthesisAPI:
@@ -177,15 +171,6 @@ class SynthesisAPI:
             log.error("incident %s: %s", incident, exc, exc_info=exc)
             return _problem(500, f"internal error (incident {incident})")
 
-    def _own(self, tenant: str, what: str, uri: Optional[str]) -> Optional[str]:
-        """The canonical location of a URI the caller named, inside the tenant's prefix; 403 otherwise."""
-        if uri is None:
-            return None
-        try:
-            return storage.confine(storage.join(self.root, tenant), uri, what)
-        except storage.OutsidePrefix:
-            raise _Refused(403, f"{what} is not under tenant {tenant!r}'s storage") from None
-
     async def _generate(self, request: Request):
         """Auth first (401 before anything about the body is said), then the body, then the tenant's
         own URIs (403 outside its prefix), then admission (413 past what is ever admitted, 503 when
@@ -207,10 +192,13 @@ class SynthesisAPI:
             return _problem(413, f"synthesis.images_per_label {body.synthesis.images_per_label} is more than this "
                                  f"service admits in one call ({self.max_pending}); split the call")
         home = storage.join(self.root, tenant)
-        try:
-            bundle, adapter = self._own(tenant, "bundle", body.bundle), self._own(tenant, "adapter", body.adapter)
-        except _Refused as refused:
-            return _problem(refused.status, refused.detail)
+        located = {}
+        for what, uri in (("bundle", body.bundle), ("adapter", body.adapter)):
+            try:
+                located[what] = storage.confine(home, uri, what) if uri is not None else None
+            except storage.OutsidePrefix:
+                return _problem(403, f"{what} is not under tenant {tenant!r}'s storage")
+        bundle, adapter = located["bundle"], located["adapter"]
         loop = asyncio.get_running_loop()
         by_ref = {}
         if bundle:
