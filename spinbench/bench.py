@@ -84,14 +84,14 @@ def _mean_sd(values: list[float]) -> dict:
 def _request_result(storage_root: str, request_id: str, row: dict) -> dict:
     from spinml_ray import storage
 
-    base = storage.join(storage_root, "spinbench", request_id)
+    paths = storage.RequestPaths(storage_root, "spinbench", request_id)
     result = {"request_id": request_id, "state": row.get("state"), "error": row.get("error"),
               "seconds": {s: row["stages"].get(s, {}).get("seconds") for s in STAGES}}
     if row.get("state") != "done":
         return result
-    metrics = storage.read_json(storage.join(base, "model", "metrics.json"))
-    sanitized = storage.read_committed_table(storage.join(base, "sanitized")).to_pylist()
-    synthetic = storage.read_manifest(storage.join(base, "synthetic")) or {}
+    metrics = storage.read_json(storage.join(paths.model, "metrics.json"))
+    sanitized = storage.read_committed_table(paths.sanitized).to_pylist()
+    synthetic = storage.read_manifest(paths.synthetic) or {}
     result.update(accuracy=metrics["accuracy"], per_class=metrics["per_class_accuracy"],
                   images=synthetic.get("images"),
                   mi={obj: statistics.fmean(r["mi"] for r in sanitized if r["object"] == obj) if sanitized else 0.0
@@ -181,7 +181,7 @@ def plot(results: dict, path: str) -> str:
             continue
         leak = (row["mi"]["target"] or 0) + (row["mi"]["background"] or 0)
         ax.errorbar(leak, row["accuracy"]["mean"], yerr=row["accuracy"]["sd"], fmt="o", capsize=3)
-        ax.annotate(name.replace("-a0", "") if name.endswith("-a0") else name, (leak, row["accuracy"]["mean"]),
+        ax.annotate(name.removesuffix("-a0"), (leak, row["accuracy"]["mean"]),
                     textcoords="offset points", xytext=(5, 4), fontsize=8)
     for i, (name, row) in enumerate((results.get("baselines") or {}).items()):
         ax.axhline(row["accuracy"]["mean"], linestyle="--", color=f"C{i + 2}", linewidth=1, label=f"{name} baseline")

@@ -1,6 +1,6 @@
 """SpinML mutual-information (MI) leakage meter.
 
-Implements the artifact's per-object privacy metric (see SPINML.md, "Privacy metrics"):
+Implements the SpinML artifact's per-object privacy metric (docs/DESIGN.md, "Levels: what leaves, per object"):
 
 1. letterbox the object image (object pixels, black elsewhere) and the raw image to
    512x512 (LANCZOS, aspect ratio kept, pasted centred on black);

@@ -33,7 +33,7 @@ class SpecError(ValueError):
 
 
 class Level(str, Enum):
-    """Sanitization level of one object (see SPINML.md): what of it leaves the trust boundary."""
+    """Sanitization level of one object (docs/DESIGN.md, "Levels"): what of it leaves the trust boundary."""
 
     L0 = "L0"  # nothing: text prompt only
     L1 = "L1"  # Canny edge map of the object's region

@@ -213,7 +213,7 @@ def test_l0_l0_releases_nothing_of_the_image_not_even_its_size(first, second, la
 @pytest.mark.parametrize("other", ["target", "background"])
 def test_mi_is_the_only_value_an_l0_object_moves(scene, other):
     """`mi` follows the artifact: normalised by the whole raw image's binned entropy (documented in
-    docs/PRIVACY.md). Payloads, regions and digests must not move; the scalar `mi` may."""
+    docs/DESIGN.md). Payloads, regions and digests must not move; the scalar `mi` may."""
     image, mask = scene
     levels = (Level.L0, Level.L2) if other == "target" else (Level.L2, Level.L0)
     changed = _randomize(image, mask if other == "target" else ~mask, 0)

@@ -50,13 +50,8 @@ def _build_once(final: str, build) -> str:
 
 
 def spinbench_weights_dir() -> str:
-    """`weights/` of the spinbench package: where it is importable from, else beside `spinml_ray` (a checkout)."""
-    spec = importlib.util.find_spec("spinbench")
-    if spec is not None and spec.submodule_search_locations:
-        package = list(spec.submodule_search_locations)[0]
-    else:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        package = os.path.join(root, "spinbench")
+    """`weights/` of the spinbench package (installed with this project), found without importing it."""
+    package = importlib.util.find_spec("spinbench").submodule_search_locations[0]
     return os.path.join(os.path.abspath(package), "weights")
 
 
