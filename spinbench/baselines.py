@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spinbench.world import STATES, User, public_corpus, public_room, render_room, user_samples
+from spinbench.world import DEFAULT_TRAINING, STATES, User, public_corpus, public_room, render_room, user_samples
 from spinml_ray.sanitizer import release
 from spinml_ray.spec import Level
 from spinml_ray.training import classifier
@@ -33,11 +33,11 @@ BASELINES = ("public", "few-shot", "copy-paste", "oracle")
 class Training:
     """The classifier settings (the benchmark's requests use the same)."""
 
-    architecture: str = "mobilenet_v2"
-    image_size: int = 64
-    epochs: int = 15
-    batch_size: int = 32
-    learning_rate: float = 1e-3
+    architecture: str = DEFAULT_TRAINING["architecture"]
+    image_size: int = DEFAULT_TRAINING["image_size"]
+    epochs: int = DEFAULT_TRAINING["epochs"]
+    batch_size: int = DEFAULT_TRAINING["batch_size"]
+    learning_rate: float = DEFAULT_TRAINING["learning_rate"]
 
 
 def _tensor(images: list[np.ndarray], size: int) -> torch.Tensor:
@@ -63,11 +63,10 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
-def fit_and_test(train_images: list[np.ndarray], train_labels: list[int], test_images: list[np.ndarray],
-                 test_labels: list[int], seed: int, training: Training = Training(), augment: bool = False,
-                 repeats: int = 1) -> dict:
-    """Train the classifier from `seed` on the given images and evaluate it on the test images.
-    `augment` draws a fresh random crop and flip of every training image each epoch, `repeats` times."""
+def fit(train_images: list[np.ndarray], train_labels: list[int], seed: int, training: Training = Training(),
+        augment: bool = False, repeats: int = 1) -> torch.nn.Module:
+    """The system's classifier trained from `seed` on the given images. `augment` draws a fresh random
+    crop and flip of every training image each epoch, `repeats` times."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x = _tensor(train_images, training.image_size)
@@ -81,9 +80,22 @@ def fit_and_test(train_images: list[np.ndarray], train_labels: list[int], test_i
         loader = [(xs[order[i : i + training.batch_size]], ys[order[i : i + training.batch_size]])
                   for i in range(0, len(xs), training.batch_size)]
         classifier.train_epoch(model, loader, optimizer, "cpu")
-    result = classifier.evaluate(model, _tensor(test_images, training.image_size),
-                                 torch.tensor(test_labels, dtype=torch.long), len(STATES))
+    return model
+
+
+def score(model: torch.nn.Module, images: list[np.ndarray], labels: list[int], training: Training = Training()) -> dict:
+    """Accuracy and per-class accuracy of `model` on the images."""
+    result = classifier.evaluate(model, _tensor(images, training.image_size), torch.tensor(labels, dtype=torch.long),
+                                 len(STATES))
     return {"accuracy": result["accuracy"], "per_class_accuracy": result["per_class_accuracy"]}
+
+
+def fit_and_test(train_images: list[np.ndarray], train_labels: list[int], test_images: list[np.ndarray],
+                 test_labels: list[int], seed: int, training: Training = Training(), augment: bool = False,
+                 repeats: int = 1) -> dict:
+    """Train the classifier from `seed` on the given images and score it on the test images."""
+    model = fit(train_images, train_labels, seed, training, augment=augment, repeats=repeats)
+    return score(model, test_images, test_labels, training)
 
 
 def copy_paste(user: User, references_per_state: int, count: int, seed: int) -> tuple[list[np.ndarray], list[int]]:

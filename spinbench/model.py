@@ -6,12 +6,15 @@ classes as Stable Diffusion 1.x, saved in diffusers' layout so that the service 
 code path that loads a real checkpoint (`StableDiffusionPipeline.from_pretrained(dir)`,
 `ControlNetModel.from_pretrained(dir/controlnet)`):
 
-1. **VAE** (`AutoencoderKL`, 32/64/64 channels, 3 resolution levels: 64 px images <-> 16x16x4
-   latents, so `vae_scale_factor` is 4). Loss: L1 + MSE of the reconstruction plus a small KL term;
-   the first 75% of its steps see 32 px crops (on the 4 px latent grid, 4 per image's cost), the
-   rest whole 64 px images. Its `scaling_factor` is 1 / std of the corpus's latents, as SD sets it.
+1. **VAE** (`AutoencoderKL`, 32/64/64 channels, 3 resolution levels: 64 px images <-> 16x16x8
+   latents, so `vae_scale_factor` is 4). SD's VAE has 4 channels; 8 were tried because the 4-channel
+   VAE of the first build blurred the dogs' legs, but they did not help (reconstruction MSE 0.0123
+   against 0.0113 after the same 1000 steps): the blur comes from the VAE's short training. Loss: L1
+   + MSE of the reconstruction plus a small KL term; the first 75% of its steps see 32 px crops (on
+   the 4 px latent grid, 4 per image's cost), the rest whole 64 px images. Its `scaling_factor` is
+   1 / std of the corpus's latents, as SD sets it.
 2. **Text encoder** (`CLIPTextModel`, hidden 64, 3 layers) with the real CLIP tokenizer, trained
-   jointly with the UNet on the corpus captions (it starts from random weights: freezing it would
+   with the UNet on the corpus captions (it starts from random weights: freezing it would
    leave the UNet random, unrelated token features to read).
 3. **UNet** (`UNet2DConditionModel`, 32/64/128 channels at 16/8/4 latent px, cross-attention to the
    caption at 8 and 4 px). Epsilon prediction under SD's DDPM schedule (scaled-linear betas
@@ -20,9 +23,12 @@ code path that loads a real checkpoint (`StableDiffusionPipeline.from_pretrained
    service's view/lighting/setting words appended, as `spinml_ray.synthesis.prompts` writes them) so
    the model follows the short prompts the system sends.
 4. **ControlNet** (`ControlNetModel.from_unet`, conditioning embedding 16/32/64: 4x down to the
-   latents), trained with the UNet and text encoder frozen, on Canny edge maps as 3-channel images:
-   per sample the dog's edges, the room's edges or both merged (the three L1 conditionings), with
-   half the captions empty (as the ControlNet paper does) so that it learns to read the edges.
+   latents), trained *together with* the UNet and text encoder: every other step of their phase adds
+   its residuals, conditioned on Canny edge maps as 3-channel images (per sample the dog's edges, the
+   room's edges or both merged: the three L1 conditionings), with half the captions empty (as the
+   ControlNet paper does) so that it learns to read the edges. The other steps train the UNet alone,
+   which is what txt2img and img2img use. (A ControlNet trained afterwards against the frozen UNet
+   had not begun to follow its edges after 900 steps, all an hour of this CPU left for it.)
 
 The scheduler saved is SD 1.x's own (PNDM config, scaled-linear, `steps_offset=1`,
 `set_alpha_to_one=False`); the service makes DPM-Solver++ (and DDIM, Euler, ...) `from_config` of it.
@@ -38,15 +44,15 @@ Choices measured on the 2-core CPU this is built on (1 thread, CPU seconds per s
 - The VAE's full-resolution decoder levels dominate its cost (about 1.2 s per step of 8 images or 32
   crops), which is why its phase is short and mostly on crops.
 - Training latents are encoded once after the VAE phase (posterior mean and std, sampled each step),
-  so the UNet and ControlNet phases never run the encoder. No flip augmentation: the world already
+  so the UNet phase never runs the encoder. No flip augmentation: the world already
   draws each dog facing left or right.
-- Corpus: 6000 images (about a minute to draw with their edge maps). The UNet phase sees about 90,000
-  samples, so each image about 15 times; a larger corpus would cost drawing and encoding time for
+- Corpus: 6000 images (about a minute to draw with their edge maps). The UNet phase sees about 96,000
+  samples, so each image about 16 times; a larger corpus would cost drawing and encoding time for
   little gain at this step budget, a smaller one would be seen more often than a 4M-parameter
   model needs.
-- Defaults (1000 / 2800 / 900 steps) are sized for about 55 minutes with 2 threads on that CPU,
-  assuming 2 threads run 1.6x faster than the measured 1-thread rates; the build prints its
-  measured rate and ETA every `log_every` steps.
+- Defaults (1000 VAE steps, 3000 UNet steps of which 1500 with the ControlNet) took 43.5 minutes with
+  2 threads on that CPU (0.6-0.75 s per VAE step, 0.60 s per UNet step on average); the build prints
+  its measured rate and ETA every `log_every` steps.
 
 A build is deterministic for a given seed, recipe, thread count and library versions (each phase
 draws from its own generators, seeded from the build seed); `first_losses` replays the first steps.
@@ -69,15 +75,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-LATENT_CHANNELS = 4
+LATENT_CHANNELS = 8
 TEXT_HIDDEN = 64
 MAX_TOKENS = 77
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
-PHASES = ("vae", "unet", "controlnet")
+PHASES = ("vae", "unet")
+# loss series: the VAE, the UNet alone (even steps of its phase), the UNet with the ControlNet (odd steps)
+LOSSES = ("vae", "unet", "controlnet")
 # Measured at 1 thread on the build machine (batch sizes of `Recipe`), used only for the ETA of the phases
 # not yet started: scaled by how fast the current phase runs against its own reference.
-REFERENCE_SECONDS_PER_STEP = {"vae": 1.2, "unet": 1.0, "controlnet": 1.2}
+REFERENCE_SECONDS_PER_STEP = {"vae": 1.2, "unet": 1.3}
 
 
 @dataclass
@@ -87,14 +95,12 @@ class Recipe:
     seed: int = 0
     corpus_size: int = 6000
     vae_steps: int = 1000
-    unet_steps: int = 2800
-    controlnet_steps: int = 900
+    unet_steps: int = 3000  # half of them with the ControlNet
     vae_batch_size: int = 8  # full images; the crop steps take 4x as many 32 px crops (same cost)
     vae_crop_fraction: float = 0.75  # the first 75% of VAE steps train on 32 px crops, the rest on 64 px
-    batch_size: int = 32  # UNet and ControlNet phases
+    batch_size: int = 32  # UNet (and ControlNet) phase
     vae_lr: float = 6e-4
     unet_lr: float = 4e-4
-    controlnet_lr: float = 3e-4
     kl_weight: float = 1e-4  # times the KL per latent element (reconstruction losses are per pixel means)
     vae_logvar_init: float = -6.0  # posterior log-variance the encoder starts from (std 0.05, not 1)
     caption_dropout: float = 0.1
@@ -349,18 +355,19 @@ def _final(losses: list[float], last: int = 50) -> float | None:
 
 
 class Trainer:
-    """The three training phases of a build, in order; every random draw comes from `recipe.seed`."""
+    """The two training phases of a build, in order; every random draw comes from `recipe.seed`."""
 
-    def __init__(self, recipe: Recipe, corpus: Corpus, tokenizer, quiet: bool = False):
+    def __init__(self, recipe: Recipe, corpus: Corpus, tokenizer, quiet: bool = False, stop_after: int | None = None):
         from diffusers import DDPMScheduler
 
         self.recipe, self.corpus, self.tokenizer, self.quiet = recipe, corpus, tokenizer, quiet
+        self.stop_after = stop_after  # steps per phase, to replay a build's first steps
         self.captions = Captions(corpus, tokenizer)
         self.noise_scheduler = DDPMScheduler(beta_start=BETA_START, beta_end=BETA_END,
                                              beta_schedule="scaled_linear", num_train_timesteps=NUM_TRAIN_TIMESTEPS)
         alphas = self.noise_scheduler.alphas_cumprod
         self.snr = alphas / (1.0 - alphas)
-        self.losses: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.losses: dict[str, list[float]] = {p: [] for p in LOSSES}
         self.seconds: dict[str, float] = {}
         self.latent_stats: dict[str, float] = {}
 
@@ -372,7 +379,7 @@ class Trainer:
 
     def _later(self, phase: str) -> dict[str, int]:
         r = self.recipe
-        steps = {"vae": r.vae_steps, "unet": r.unet_steps, "controlnet": r.controlnet_steps}
+        steps = {"vae": r.vae_steps, "unet": r.unet_steps}
         return {p: steps[p] for p in PHASES[PHASES.index(phase) + 1:]}
 
     def _optimizer(self, groups, lr: float, steps: int):
@@ -387,8 +394,11 @@ class Trainer:
         optimizer.step()
         schedule.step()
 
+    def _steps(self, steps: int) -> range:
+        return range(steps if self.stop_after is None else min(steps, self.stop_after))
+
     # -- phase 1 ----------------------------------------------------------------------------------
-    def train_vae(self):
+    def train_vae(self, encode: bool = True):
         r, start = self.recipe, time.time()
         rng, gen = self._streams(1)
         vae = make_vae()
@@ -399,7 +409,7 @@ class Trainer:
         optimizer, schedule = self._optimizer(params, r.vae_lr, r.vae_steps)
         progress = Progress("vae", r.vae_steps, self._later("vae"), r.log_every, self.quiet)
         crop_steps = int(round(r.vae_steps * r.vae_crop_fraction))
-        for step in range(r.vae_steps):
+        for step in self._steps(r.vae_steps):
             crop = step < crop_steps
             index = rng.integers(0, len(self.corpus), r.vae_batch_size * (4 if crop else 1))
             x = _pixels(self.corpus.images[index], rng.random(len(index)) < 0.5)
@@ -416,9 +426,10 @@ class Trainer:
         vae.eval().requires_grad_(False)
         self.vae = vae
         self.seconds["vae"] = time.time() - start
-        start = time.time()
-        self._encode_corpus(gen)
-        self.seconds["encode"] = time.time() - start
+        if encode:
+            start = time.time()
+            self._encode_corpus(gen)
+            self.seconds["encode"] = time.time() - start
         return vae
 
     @torch.no_grad()
@@ -458,72 +469,51 @@ class Trainer:
 
     # -- phase 2 ----------------------------------------------------------------------------------
     def train_unet(self):
+        """The text encoder, UNet and ControlNet together. Every other step sends the batch through the
+        ControlNet too (edges of the dog, the room or both), so the UNet learns to denoise alone (L0)
+        and to use edge residuals (L1) from the start; a ControlNet trained afterwards against a frozen
+        UNet had not begun to follow its edges after 900 steps."""
         r, start = self.recipe, time.time()
         rng, gen = self._streams(2)
         text_encoder, unet = make_text_encoder(), make_unet()
-        text_encoder.train()
-        unet.train()
-        groups = [{"params": list(unet.parameters()), "weight_decay": 1e-2},
+        controlnet = make_controlnet(unet)
+        for module in (text_encoder, unet, controlnet):
+            module.train()
+        groups = [{"params": list(unet.parameters()) + list(controlnet.parameters()), "weight_decay": 1e-2},
                   {"params": list(text_encoder.parameters()), "weight_decay": 0.0}]
         params = groups[0]["params"] + groups[1]["params"]
         optimizer, schedule = self._optimizer(groups, r.unet_lr, r.unet_steps)
         ema = Ema(params, r.ema_decay)
-        progress = Progress("unet", r.unet_steps, self._later("unet"), r.log_every, self.quiet)
-        for step in range(r.unet_steps):
+        progress = Progress("unet", r.unet_steps, {}, r.log_every, self.quiet)
+        for step in self._steps(r.unet_steps):
+            with_edges = step % 2 == 1
             index = rng.integers(0, len(self.corpus), r.batch_size)
-            ids = self.captions.ids([self.captions.draw(int(i), r.caption_dropout, rng) for i in index])
+            dropout = r.controlnet_caption_dropout if with_edges else r.caption_dropout
+            ids = self.captions.ids([self.captions.draw(int(i), dropout, rng) for i in index])
             noisy, noise, timesteps = self._noised(self._latents(index, gen), gen)
             context = text_encoder(ids)[0]
-            prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            residuals = {}
+            if with_edges:
+                kind = rng.integers(0, 3, len(index))
+                down, mid = controlnet(noisy, timesteps, encoder_hidden_states=context,
+                                       controlnet_cond=_edges(self.corpus, index, kind), return_dict=False)
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            prediction = unet(noisy, timesteps, encoder_hidden_states=context, **residuals).sample
             loss = self._loss(prediction, noise, timesteps)
             self._apply(loss, optimizer, schedule, params)
             ema.update()
-            self.losses["unet"].append(loss.item())
+            self.losses["controlnet" if with_edges else "unet"].append(loss.item())
             progress.step(step, loss.item())
         ema.copy_to_params()
-        for module in (text_encoder, unet):
+        for module in (text_encoder, unet, controlnet):
             module.eval().requires_grad_(False)
-        self.text_encoder, self.unet = text_encoder, unet
+        self.text_encoder, self.unet, self.controlnet = text_encoder, unet, controlnet
         self.seconds["unet"] = time.time() - start
-        return text_encoder, unet
-
-    # -- phase 3 ----------------------------------------------------------------------------------
-    def train_controlnet(self):
-        r, start = self.recipe, time.time()
-        rng, gen = self._streams(3)
-        controlnet = make_controlnet(self.unet)
-        controlnet.train()
-        params = list(controlnet.parameters())
-        optimizer, schedule = self._optimizer([{"params": params, "weight_decay": 1e-2}], r.controlnet_lr,
-                                              r.controlnet_steps)
-        ema = Ema(params, r.ema_decay)
-        progress = Progress("controlnet", r.controlnet_steps, {}, r.log_every, self.quiet)
-        for step in range(r.controlnet_steps):
-            index = rng.integers(0, len(self.corpus), r.batch_size)
-            kind = rng.integers(0, 3, len(index))
-            ids = self.captions.ids([self.captions.draw(int(i), r.controlnet_caption_dropout, rng) for i in index])
-            noisy, noise, timesteps = self._noised(self._latents(index, gen), gen)
-            with torch.no_grad():
-                context = self.text_encoder(ids)[0]
-            down, mid = controlnet(noisy, timesteps, encoder_hidden_states=context,
-                                   controlnet_cond=_edges(self.corpus, index, kind), return_dict=False)
-            prediction = self.unet(noisy, timesteps, encoder_hidden_states=context,
-                                   down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-            loss = self._loss(prediction, noise, timesteps)
-            self._apply(loss, optimizer, schedule, params)
-            ema.update()
-            self.losses["controlnet"].append(loss.item())
-            progress.step(step, loss.item())
-        ema.copy_to_params()
-        controlnet.eval().requires_grad_(False)
-        self.controlnet = controlnet
-        self.seconds["controlnet"] = time.time() - start
-        return controlnet
+        return text_encoder, unet, controlnet
 
     def run(self) -> None:
         self.train_vae()
         self.train_unet()
-        self.train_controlnet()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -569,7 +559,7 @@ def save(trainer: Trainer, out_dir: str, report: dict) -> None:
 
 
 def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps: int | None = None,
-          controlnet_steps: int | None = None, batch_size: int | None = None, vae_batch_size: int | None = None,
+          batch_size: int | None = None, vae_batch_size: int | None = None,
           corpus_size: int | None = None, threads: int | None = None, log_every: int | None = None,
           quiet: bool = False) -> dict:
     """Train the spinbench model from `seed` and save it to `out_dir` (replaced when it exists).
@@ -578,7 +568,7 @@ def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps:
     if threads:
         torch.set_num_threads(threads)
     recipe = Recipe(seed=seed)
-    for name, value in dict(vae_steps=vae_steps, unet_steps=unet_steps, controlnet_steps=controlnet_steps,
+    for name, value in dict(vae_steps=vae_steps, unet_steps=unet_steps,
                             batch_size=batch_size, vae_batch_size=vae_batch_size, corpus_size=corpus_size,
                             log_every=log_every).items():
         if value is not None:
@@ -601,9 +591,9 @@ def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps:
             "recipe": asdict(recipe),
             "seed": seed,
             "corpus_size": len(corpus),
-            "steps": {"vae": recipe.vae_steps, "unet": recipe.unet_steps, "controlnet": recipe.controlnet_steps},
-            "final_losses": {p: _final(trainer.losses[p]) for p in PHASES},
-            "first_losses": {p: trainer.losses[p][:5] for p in PHASES},
+            "steps": {"vae": recipe.vae_steps, "unet": recipe.unet_steps},
+            "final_losses": {p: _final(trainer.losses[p]) for p in LOSSES},
+            "first_losses": {p: trainer.losses[p][:5] for p in LOSSES},
             "params": {name: n_params(m) for name, m in modules.items()},
             "latents": trainer.latent_stats,
             "threads": torch.get_num_threads(),
@@ -623,14 +613,15 @@ def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps:
     return report
 
 
-def first_losses(seed: int, steps: int = 5, corpus_size: int = 16, batch_size: int = 4) -> dict[str, list[float]]:
-    """The first `steps` training losses of every phase from `seed`, on a small corpus (nothing saved)."""
-    recipe = Recipe(seed=seed, corpus_size=corpus_size, vae_steps=steps, unet_steps=steps, controlnet_steps=steps,
-                    vae_batch_size=batch_size, batch_size=batch_size)
+def first_losses(recipe: Recipe, steps: int = 5, phases: tuple[str, ...] = PHASES) -> dict[str, list[float]]:
+    """The first `steps` training losses of each of `phases` under `recipe`, with the learning-rate
+    schedule of the recipe's full length, so that a build's recorded `first_losses` replay (nothing saved)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_tokenizer(os.path.join(tmp, "tokenizer"))
-    trainer = Trainer(recipe, make_corpus(corpus_size, seed), tokenizer, quiet=True)
-    trainer.run()
+    trainer = Trainer(recipe, make_corpus(recipe.corpus_size, recipe.seed), tokenizer, quiet=True, stop_after=steps)
+    trainer.train_vae(encode="unet" in phases)
+    if "unet" in phases:
+        trainer.train_unet()
     return trainer.losses
 
 
@@ -646,24 +637,39 @@ def _grid(rows: list[list[np.ndarray]], scale: int = 2) -> np.ndarray:
     return np.asarray(image.resize((image.width * scale, image.height * scale), Image.NEAREST))
 
 
-def sample(model_dir: str, out: str, seed: int = 0, per_state: int = 6, steps: int = 20, guidance: float = 5.0,
-           references: int = 4) -> list[str]:
-    """txt2img grid (a row per state) and ControlNet grid (per held-out image: dog / room / both edges,
-    each followed by its image), DPM-Solver++; returns the PNG paths."""
+def pipelines(model_dir: str):
+    """(txt2img pipeline, ControlNet pipeline or None) of a saved model, each with DPM-Solver++ made
+    `from_config` of the saved scheduler, as the service makes its default."""
     from diffusers import (ControlNetModel, DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline,
                            StableDiffusionPipeline)
-    from PIL import Image
-
-    from spinbench.world import STATES, prompt_for, public_corpus
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
     pipe.set_progress_bar_config(disable=True)
+    control = None
+    controlnet_dir = os.path.join(model_dir, "controlnet")
+    if os.path.isdir(controlnet_dir):
+        net = ControlNetModel.from_pretrained(controlnet_dir, dtype=torch.float32)
+        control = StableDiffusionControlNetPipeline(**pipe.components, controlnet=net, requires_safety_checker=False)
+        control.set_progress_bar_config(disable=True)
+    return pipe, control
 
-    def to_uint8(images) -> list[np.ndarray]:
-        return [(np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8) for a in images]
 
+def to_uint8(images) -> list[np.ndarray]:
+    """A pipeline's float images in [0, 1] ('np' output) as uint8 arrays."""
+    return [(np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8) for a in images]
+
+
+def sample(model_dir: str, out: str, seed: int = 0, per_state: int = 6, steps: int = 20, guidance: float = 5.0,
+           references: int = 4) -> list[str]:
+    """txt2img grid (a row per state) and ControlNet grid (per held-out image: dog / room / both edges,
+    each followed by its image), DPM-Solver++; returns the PNG paths."""
+    from PIL import Image
+
+    from spinbench.world import STATES, prompt_for, public_corpus
+
+    pipe, control = pipelines(model_dir)
     rows = []
     for k, state in enumerate(STATES):
         generators = [torch.Generator("cpu").manual_seed(seed * 1000 + k * 100 + j) for j in range(per_state)]
@@ -674,11 +680,7 @@ def sample(model_dir: str, out: str, seed: int = 0, per_state: int = 6, steps: i
     Image.fromarray(_grid(rows)).save(out)
     paths = [out]
 
-    controlnet_dir = os.path.join(model_dir, "controlnet")
-    if os.path.isdir(controlnet_dir):
-        net = ControlNetModel.from_pretrained(controlnet_dir, dtype=torch.float32)
-        control = StableDiffusionControlNetPipeline(**pipe.components, controlnet=net, requires_safety_checker=False)
-        control.set_progress_bar_config(disable=True)
+    if control is not None:
         held_out = public_corpus(references, seed=seed + 7919)  # a seed the build's corpus does not use
         rows = []
         for j, s in enumerate(held_out):
@@ -708,8 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--corpus-size", type=int, default=defaults.corpus_size)
     b.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     b.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
-    b.add_argument("--controlnet-steps", type=int, default=defaults.controlnet_steps)
-    b.add_argument("--batch-size", type=int, default=defaults.batch_size, help="UNet and ControlNet phases")
+    b.add_argument("--batch-size", type=int, default=defaults.batch_size, help="UNet (and ControlNet) phase")
     b.add_argument("--vae-batch-size", type=int, default=defaults.vae_batch_size,
                    help="64 px images per VAE step (crop steps take 4x as many 32 px crops)")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -724,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "build":
         build(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-              controlnet_steps=args.controlnet_steps, batch_size=args.batch_size,
+              batch_size=args.batch_size,
               vae_batch_size=args.vae_batch_size, corpus_size=args.corpus_size, threads=args.threads,
               log_every=args.log_every)
     else:

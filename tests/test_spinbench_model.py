@@ -21,17 +21,21 @@ def one_thread():
 
 
 def test_first_training_steps_are_reproducible_from_the_seed():
-    from spinbench.model import PHASES, first_losses
+    from spinbench.model import LOSSES, Recipe, first_losses
 
-    first = first_losses(0, steps=3, corpus_size=8, batch_size=2)
-    assert set(first) == set(PHASES) and all(len(first[p]) == 3 for p in PHASES)
-    assert all(np.isfinite(first[p]).all() for p in PHASES)
-    again = first_losses(0, steps=3, corpus_size=8, batch_size=2)
-    for phase in PHASES:
-        np.testing.assert_allclose(again[phase], first[phase], rtol=0, atol=1e-6)
-    other = first_losses(1, steps=3, corpus_size=8, batch_size=2)
-    for phase in PHASES:
-        assert not np.allclose(other[phase], first[phase], rtol=0, atol=1e-6)
+    def replay(seed):
+        return first_losses(Recipe(seed=seed, corpus_size=8, vae_batch_size=2, batch_size=2), steps=4)
+
+    first = replay(0)
+    # the UNet phase alternates: even steps the UNet alone, odd steps with the ControlNet's residuals
+    assert {p: len(first[p]) for p in LOSSES} == {"vae": 4, "unet": 2, "controlnet": 2}
+    assert all(np.isfinite(first[p]).all() for p in LOSSES)
+    again = replay(0)
+    for series in LOSSES:
+        np.testing.assert_allclose(again[series], first[series], rtol=0, atol=1e-6)
+    other = replay(1)
+    for series in LOSSES:
+        assert not np.allclose(other[series], first[series], rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def built(tmp_path_factory):
     threads = torch.get_num_threads()
     out = str(tmp_path_factory.mktemp("spinbench") / "weights")
     try:
-        report = build(out, seed=0, vae_steps=2, unet_steps=2, controlnet_steps=2, batch_size=2, vae_batch_size=2,
+        report = build(out, seed=0, vae_steps=2, unet_steps=2, batch_size=2, vae_batch_size=2,
                        corpus_size=8, threads=1, quiet=True)
     finally:
         torch.set_num_threads(threads)
@@ -56,12 +60,23 @@ def test_a_short_build_writes_a_diffusers_folder_with_its_report(built):
     assert os.path.exists(os.path.join(out, "controlnet", "config.json"))
     on_disk = json.load(open(os.path.join(out, "spinbench.json")))
     assert on_disk["seed"] == 0 and on_disk["corpus_size"] == 8
-    assert on_disk["steps"] == {"vae": 2, "unet": 2, "controlnet": 2}
+    assert on_disk["steps"] == {"vae": 2, "unet": 2}
     assert set(on_disk["final_losses"]) == {"vae", "unet", "controlnet"}
     assert on_disk["params"]["unet"] > 1_000_000 and "torch" in on_disk["versions"]
     assert on_disk["weights_bytes"] < 30_000_000
     vae = json.load(open(os.path.join(out, "vae", "config.json")))
     assert vae["scaling_factor"] == pytest.approx(report["latents"]["scaling_factor"])
+
+
+def test_a_build_replays_its_recorded_first_steps_from_its_recipe(built):
+    """A build's report records its recipe and first losses: replaying the recipe from scratch gives
+    them again (up to float summation order, so that other thread counts and CPUs agree)."""
+    from spinbench.model import LOSSES, Recipe, first_losses
+
+    _, report = built
+    replay = first_losses(Recipe(**report["recipe"]), steps=2)
+    for series in LOSSES:
+        np.testing.assert_allclose(replay[series], report["first_losses"][series], rtol=1e-4)
 
 
 def test_service_engine_loads_the_build_and_generates_txt2img_and_controlnet(built):
@@ -103,3 +118,19 @@ def test_spinbench_source_resolves_to_the_shipped_folder(built, monkeypatch):
     monkeypatch.setattr(source, "spinbench_weights_dir", lambda: out)
     assert source.resolve("spinbench") == out
     assert source.resolve_controlnet("spinbench") == os.path.join(out, "controlnet")
+
+
+def test_state_fidelity_scores_txt2img_and_controlnet_samples_with_a_public_judge(built):
+    from spinbench.fidelity import fidelity, markdown
+    from spinbench.world import STATES
+
+    out, _ = built
+    result = fidelity(out, per_state=1, steps=2, judge_images=8, judge_epochs=1)
+    for name in ("public held-out (the judge)", "txt2img", "controlnet (dog edges)"):
+        row = result[name]
+        assert 0.0 <= row["accuracy"] <= 1.0 and set(row["per_state"]) == set(STATES)
+        # one image per state: each state's accuracy is 0 or 1, and the overall is their mean
+        assert all(v in (0.0, 1.0) for v in row["per_state"].values())
+        assert row["accuracy"] == pytest.approx(sum(row["per_state"].values()) / len(STATES))
+    table = markdown(result)
+    assert table.count("\n|") == 4 and "controlnet (dog edges)" in table and "Chance: 0.25" in table
