@@ -22,7 +22,7 @@ demo: venv
 	bash cluster/demo.sh
 
 test: venv
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -ra -m "not cluster"
@@ -40,10 +40,13 @@ example: venv
 spinbench-model: venv
 	$(BIN)/python -m spinbench.model build --out spinbench/weights $(SPINBENCH_MODEL_ARGS)
 
-# The full SpinBench benchmark: every configuration, alpha 0.25 and 0.5 at L2_L0, 5 seeds, the
-# baselines, for each user seed (hours on a 2-core CPU); results in spinml-data/spinbench/user-N/.
+# The full SpinBench benchmark: the shipped model's state fidelity, then every configuration, alpha
+# 0.25 and 0.5 at L2_L0, 5 seeds, the baselines, for each user seed (hours on a 2-core CPU); results
+# in spinml-data/spinbench/ (fidelity.json, user-N/results.md, user-N/accuracy.png).
 SPINBENCH_USERS ?= 0 1 2
 spinbench: venv
+	mkdir -p spinml-data/spinbench
+	$(BIN)/python -m spinbench.fidelity --out spinml-data/spinbench/fidelity.json
 	for user in $(SPINBENCH_USERS); do \
 	  $(BIN)/spinml spinbench run --user-seed $$user --alphas 0.25,0.5 --seeds 5 --baselines \
 	    --out spinml-data/spinbench/user-$$user $(SPINBENCH_ARGS) || exit 1; \

@@ -20,26 +20,41 @@ def _parser() -> argparse.ArgumentParser:
     world = sub.add_parser("world", help="write a SpinBench user's request folder (references, masks, test set)")
     world.add_argument("--user-seed", type=int, required=True, help="which user (>= 0): their dog and room")
     world.add_argument("--out", required=True, help="output folder")
-    world.add_argument("--references-per-state", type=int, default=4, help="reference images per state (default 4)")
+    world.add_argument("--references-per-state", type=_positive, default=4,
+                       help="reference images per state (default 4)")
     world.add_argument("--test-per-state", type=int, default=25, help="test images per state (default 25)")
+    world.add_argument("--privacy", type=_config, default="L1_L0", help="target_background levels (default L1_L0)")
+    world.add_argument("--images-per-label", type=_positive, default=None,
+                       help="synthetic images per state (default 16)")
     run = sub.add_parser("run", help="run the benchmark for one user through the batch job")
     run.add_argument("--user-seed", type=int, required=True)
     run.add_argument("--out", required=True, help="output folder (world, storage, results)")
     run.add_argument("--configs", type=_configs, default=None, help="comma-separated, default: all six")
     run.add_argument("--alphas", type=_floats, default=(), help="alphas besides 0, swept at L2_L0 (e.g. 0.25,0.5)")
-    run.add_argument("--seeds", type=int, default=5, help="seeds per configuration (default 5)")
+    run.add_argument("--seeds", type=_positive, default=5, help="seeds per configuration (default 5)")
     run.add_argument("--baselines", action="store_true", help="also run the baselines on the same test set")
     run.add_argument("--model", default="spinbench", help="model source (default: the shipped spinbench model)")
     run.add_argument("--storage", default=None, help="storage root (default OUT/storage)")
     run.add_argument("--address", default=None, help="Ray cluster (default: start a local one)")
     run.add_argument("--num-cpus", type=int, default=None)
     run.add_argument("--max-concurrent", type=int, default=None, help="requests in flight (default: CPUs / 2)")
-    run.add_argument("--images-per-label", type=int, default=32)
-    run.add_argument("--steps", type=int, default=20, help="sampling steps per image")
-    run.add_argument("--epochs", type=int, default=15, help="classifier epochs (requests and baselines)")
-    run.add_argument("--references-per-state", type=int, default=4)
+    run.add_argument("--images-per-label", type=_positive, default=32)
+    run.add_argument("--steps", type=_positive, default=20, help="sampling steps per image")
+    run.add_argument("--epochs", type=_positive, default=None,
+                     help="classifier epochs (requests and baselines; default 15)")
+    run.add_argument("--references-per-state", type=_positive, default=4)
     run.add_argument("--test-per-state", type=int, default=25)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {text!r}")
+    return value
 
 
 def _configs(text: str) -> tuple[str, ...]:
@@ -47,6 +62,13 @@ def _configs(text: str) -> tuple[str, ...]:
     if not configs or any(len(c.split("_")) != 2 or not set(c.split("_")) <= {"L0", "L1", "L2"} for c in configs):
         raise argparse.ArgumentTypeError(f"configurations are Lx_Ly with x and y in 0-2, got {text!r}")
     return configs
+
+
+def _config(text: str) -> str:
+    configs = _configs(text)
+    if len(configs) != 1:
+        raise argparse.ArgumentTypeError(f"one configuration Lx_Ly, got {text!r}")
+    return configs[0]
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -67,24 +89,27 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.user_seed < 0:
             parser.error(f"--user-seed must be >= 0, got {args.user_seed}")
-        if args.references_per_state < 1 or args.test_per_state < 0:
-            parser.error("--references-per-state must be >= 1 and --test-per-state >= 0")
+        if args.test_per_state < 0:
+            parser.error("--test-per-state must be >= 0")
+        target, background = args.privacy.split("_")
+        synthesis = None if args.images_per_label is None else {"images_per_label": args.images_per_label}
         print(write_user_request(args.user_seed, args.out, references_per_state=args.references_per_state,
-                                 test_per_state=args.test_per_state))
+                                 test_per_state=args.test_per_state,
+                                 privacy={"target": target, "background": background}, synthesis=synthesis))
         return 0
     if args.command == "run":
         from spinbench.baselines import Training
         from spinbench.bench import CONFIGS, plan, run_benchmark
 
-        if args.seeds < 1 or args.images_per_label < 1 or args.steps < 1 or args.epochs < 1:
-            parser.error("--seeds, --images-per-label, --steps and --epochs must be >= 1")
+        if args.test_per_state < 1:
+            parser.error("--test-per-state must be >= 1")
         runs = plan(args.configs or CONFIGS, args.alphas, args.seeds)
         results = run_benchmark(
             args.user_seed, args.out, runs, model=args.model, storage_root=args.storage, address=args.address,
             num_cpus=args.num_cpus, baselines=args.baselines, max_concurrent=args.max_concurrent,
             synthesis={"images_per_label": args.images_per_label, "steps": args.steps},
-            training=Training(epochs=args.epochs), references_per_state=args.references_per_state,
-            test_per_state=args.test_per_state)
+            training=Training(epochs=args.epochs) if args.epochs else Training(),
+            references_per_state=args.references_per_state, test_per_state=args.test_per_state)
         print(open(f"{args.out}/results.md").read())
         failed = sum(len(row["failed"]) for row in results["configurations"].values())
         return 1 if failed else 0

@@ -1,5 +1,5 @@
 """SpinBench's benchmark plumbing without a cluster: the requests it writes, the baselines' data, the
-aggregation, the report and the plot. (The run through the real system is tests/test_spinbench_cluster.py.)"""
+aggregation, the report and the plot."""
 
 from __future__ import annotations
 
