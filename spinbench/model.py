@@ -398,7 +398,7 @@ class Trainer:
         return range(steps if self.stop_after is None else min(steps, self.stop_after))
 
     # -- phase 1 ----------------------------------------------------------------------------------
-    def train_vae(self, encode: bool = True):
+    def train_vae(self):
         r, start = self.recipe, time.time()
         rng, gen = self._streams(1)
         vae = make_vae()
@@ -426,10 +426,9 @@ class Trainer:
         vae.eval().requires_grad_(False)
         self.vae = vae
         self.seconds["vae"] = time.time() - start
-        if encode:
-            start = time.time()
-            self._encode_corpus(gen)
-            self.seconds["encode"] = time.time() - start
+        start = time.time()
+        self._encode_corpus(gen)
+        self.seconds["encode"] = time.time() - start
         return vae
 
     @torch.no_grad()
@@ -484,7 +483,7 @@ class Trainer:
         params = groups[0]["params"] + groups[1]["params"]
         optimizer, schedule = self._optimizer(groups, r.unet_lr, r.unet_steps)
         ema = Ema(params, r.ema_decay)
-        progress = Progress("unet", r.unet_steps, {}, r.log_every, self.quiet)
+        progress = Progress("unet", r.unet_steps, self._later("unet"), r.log_every, self.quiet)
         for step in self._steps(r.unet_steps):
             with_edges = step % 2 == 1
             index = rng.integers(0, len(self.corpus), r.batch_size)
@@ -613,15 +612,13 @@ def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps:
     return report
 
 
-def first_losses(recipe: Recipe, steps: int = 5, phases: tuple[str, ...] = PHASES) -> dict[str, list[float]]:
-    """The first `steps` training losses of each of `phases` under `recipe`, with the learning-rate
-    schedule of the recipe's full length, so that a build's recorded `first_losses` replay (nothing saved)."""
+def first_losses(recipe: Recipe, steps: int = 5) -> dict[str, list[float]]:
+    """The first `steps` training losses of every phase under `recipe`, with the learning-rate schedule
+    of the recipe's full length, so that a build's recorded `first_losses` replay (nothing saved)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_tokenizer(os.path.join(tmp, "tokenizer"))
     trainer = Trainer(recipe, make_corpus(recipe.corpus_size, recipe.seed), tokenizer, quiet=True, stop_after=steps)
-    trainer.train_vae(encode="unet" in phases)
-    if "unet" in phases:
-        trainer.train_unet()
+    trainer.run()
     return trainer.losses
 
 
