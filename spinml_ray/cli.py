@@ -59,8 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                        "(default $SPINML_STORAGE or ./spinml-data)")
         p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else start a local one)")
         p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a locally started Ray")
-        if name != "train":
-            p.add_argument("--model", default=DEFAULT_MODEL, help="model source: tiny, a directory, s3:// prefix or hub id")
+        p.add_argument("--model", default=DEFAULT_MODEL, help="model source: tiny, a directory, s3:// prefix or hub id")
         if name in ("run", "sanitize"):
             p.add_argument("--sam", default=None, help="SAM folder (sam.json + checkpoint); default: the model's sam/")
         if name in ("run", "synthesize", "personalize"):
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_request(
             args.request,
             args.storage,
-            model=getattr(args, "model", DEFAULT_MODEL),
+            model=args.model,
             controlnet=getattr(args, "controlnet", None),
             sam=getattr(args, "sam", None),
             stages=STAGES if args.command == "run" else (args.command,),

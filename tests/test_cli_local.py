@@ -323,3 +323,19 @@ def test_bad_gpu_share_for_the_synthesis_service_is_a_usage_error(share, capsys)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--gpus-per-replica" in err and share in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["run", "sanitize", "personalize", "synthesize", "train"])
+def test_every_stage_subcommand_passes_its_model_source_on(command, monkeypatch):
+    """`spinml train --model X` trains with X's classifier weights like the other stages use X (it used
+    to have no --model and silently used the default)."""
+    import spinml_ray.cluster
+    import spinml_ray.pipeline
+
+    seen = {}
+    monkeypatch.setattr(spinml_ray.cluster, "connect", lambda *a, **k: None)
+    monkeypatch.setattr(spinml_ray.pipeline, "run_request",
+                        lambda request, root, **kw: seen.update(kw) or {"output": root})
+    assert main([command, EXAMPLE_REQUEST, "--storage", "unused", "--model", "some/model"]) == 0
+    assert seen["model"] == "some/model"
+    assert seen["stages"] == (spinml_ray.pipeline.STAGES if command == "run" else (command,))
