@@ -6,23 +6,24 @@ classes as Stable Diffusion 1.x, saved in diffusers' layout so that the service 
 code path that loads a real checkpoint (`StableDiffusionPipeline.from_pretrained(dir)`,
 `ControlNetModel.from_pretrained(dir/controlnet)`):
 
-1. **VAE** (`AutoencoderKL`, 32/64/64 channels, 3 resolution levels: 64 px images <-> 16x16x8
-   latents, so `vae_scale_factor` is 4). SD's VAE has 4 channels; 8 were tried because the 4-channel
-   VAE of the first build blurred the dogs' legs, but they did not help (reconstruction MSE 0.0123
-   against 0.0113 after the same 1000 steps): the blur comes from the VAE's short training. Loss: L1
-   + MSE of the reconstruction plus a small KL term; the first 75% of its steps see 32 px crops (on
-   the 4 px latent grid, 4 per image's cost), the rest whole 64 px images. Its `scaling_factor` is
-   1 / std of the corpus's latents, as SD sets it.
+1. **VAE** (`AutoencoderKL`, 32/64 channels, 2 resolution levels: 64 px images <-> 32x32x4 latents,
+   so `vae_scale_factor` is 2, where SD's is 8). Two earlier builds used 4x downsampling (16x16
+   latents, 4 and then 8 channels): their decoders turned any small error in a latent into a flat
+   4x4 block, and their samples were patchworks of such blocks. The 2x VAE reconstructs better after
+   600 steps (MSE 0.006) than the 4x one after 1000 (0.011), and a perturbed latent decodes to grain,
+   not blocks. Loss: L1 + MSE of the reconstruction plus a small KL term; the first 75% of its steps
+   see 32 px crops (on the 2 px latent grid, 4 per image's cost), the rest whole 64 px images. Its
+   `scaling_factor` is 1 / std of the corpus's latents, as SD sets it.
 2. **Text encoder** (`CLIPTextModel`, hidden 64, 3 layers) with the real CLIP tokenizer, trained
    with the UNet on the corpus captions (it starts from random weights: freezing it would
    leave the UNet random, unrelated token features to read).
-3. **UNet** (`UNet2DConditionModel`, 32/64/128 channels at 16/8/4 latent px, cross-attention to the
-   caption at 8 and 4 px). Epsilon prediction under SD's DDPM schedule (scaled-linear betas
+3. **UNet** (`UNet2DConditionModel`, 32/64/96/128 channels at 32/16/8/4 latent px, cross-attention
+   to the caption at 8 and 4 px). Epsilon prediction under SD's DDPM schedule (scaled-linear betas
    0.00085-0.012, 1000 steps), Min-SNR-5 loss weighting, EMA of the weights, 10% empty captions so that
    classifier-free guidance works. Captions are varied (appearance or room words dropped, or the
    service's view/lighting/setting words appended, as `spinml_ray.synthesis.prompts` writes them) so
    the model follows the short prompts the system sends.
-4. **ControlNet** (`ControlNetModel.from_unet`, conditioning embedding 16/32/64: 4x down to the
+4. **ControlNet** (`ControlNetModel.from_unet`, conditioning embedding 16/32: 2x down to the
    latents), trained *together with* the UNet and text encoder: every other step of their phase adds
    its residuals, conditioned on Canny edge maps as 3-channel images (per sample the dog's edges, the
    room's edges or both merged: the three L1 conditionings), with half the captions empty (as the
@@ -36,23 +37,22 @@ Weights are stored in float16 (the folder stays under 30 MB) and load as float32
 when asked for float32, and the text encoder's config names float32 so transformers' "auto" dtype
 upcasts it even when no dtype is given (e.g. the personalization trainer's `from_pretrained`).
 
-Choices measured on the 2-core CPU this is built on (1 thread, CPU seconds per step):
+Choices measured on the 2-core CPU this is built on (CPU seconds per step):
 - Self-attention over 16x16 latents (256 tokens) with 8-wide heads cost more than every convolution
-  of the UNet (SDPA on CPU), so attention lives at 8x8 and 4x4 only, with 32-wide heads, and the top
-  level has 32 channels: about 1.0 s per batch-32 step, against 2-4 s for 64/128/128 with attention at
-  16x16. Fused AdamW saves ~80 ms a step over the default implementation.
-- The VAE's full-resolution decoder levels dominate its cost (about 1.2 s per step of 8 images or 32
-  crops), which is why its phase is short and mostly on crops.
+  of an earlier, 16x16-latent UNet (SDPA on CPU), so attention lives at 8x8 and 4x4 only, and the top
+  level has 32 channels. This UNet costs about 2.2 CPU s per batch-32 step at 32x32 latents (an
+  earlier one at 16x16 latents cost 1.0). Fused AdamW saves ~80 ms a step over the default.
+- The VAE's full-resolution decoder level dominates its cost (about 1.05 CPU s per step of 8 images
+  or 32 crops), which is why its phase is short and mostly on crops.
 - Training latents are encoded once after the VAE phase (posterior mean and std, sampled each step),
   so the UNet phase never runs the encoder. No flip augmentation: the world already
   draws each dog facing left or right.
-- Corpus: 6000 images (about a minute to draw with their edge maps). The UNet phase sees about 96,000
-  samples, so each image about 16 times; a larger corpus would cost drawing and encoding time for
-  little gain at this step budget, a smaller one would be seen more often than a 4M-parameter
-  model needs.
-- Defaults (1000 VAE steps, 3000 UNet steps of which 1500 with the ControlNet) took 43.5 minutes with
-  2 threads on that CPU (0.6-0.75 s per VAE step, 0.60 s per UNet step on average); the build prints
-  its measured rate and ETA every `log_every` steps.
+- Corpus: 6000 images (about a minute to draw with their edge maps). The UNet phase sees about 77,000
+  samples, so each image about 13 times; a larger corpus would cost drawing and encoding time for
+  little gain at this step budget.
+- Defaults (600 VAE steps, 2400 UNet steps of which 1200 with the ControlNet) took 51.9 minutes with
+  2 threads on that CPU (0.52 s per VAE step, 1.12 s per UNet step); the build prints its measured
+  rate and ETA every `log_every` steps.
 
 A build is deterministic for a given seed, recipe, thread count and library versions (each phase
 draws from its own generators, seeded from the build seed); `first_losses` replays the first steps.
@@ -75,7 +75,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-LATENT_CHANNELS = 8
+LATENT_CHANNELS = 4
 TEXT_HIDDEN = 64
 MAX_TOKENS = 77
 NUM_TRAIN_TIMESTEPS = 1000
@@ -83,9 +83,9 @@ BETA_START, BETA_END = 0.00085, 0.012
 PHASES = ("vae", "unet")
 # loss series: the VAE, the UNet alone (even steps of its phase), the UNet with the ControlNet (odd steps)
 LOSSES = ("vae", "unet", "controlnet")
-# Measured at 1 thread on the build machine (batch sizes of `Recipe`), used only for the ETA of the phases
+# CPU seconds per step on the build machine (batch sizes of `Recipe`), used only for the ETA of the phases
 # not yet started: scaled by how fast the current phase runs against its own reference.
-REFERENCE_SECONDS_PER_STEP = {"vae": 1.2, "unet": 1.3}
+REFERENCE_SECONDS_PER_STEP = {"vae": 1.05, "unet": 2.2}
 
 
 @dataclass
@@ -94,14 +94,14 @@ class Recipe:
 
     seed: int = 0
     corpus_size: int = 6000
-    vae_steps: int = 1000
-    unet_steps: int = 3000  # half of them with the ControlNet
+    vae_steps: int = 600
+    unet_steps: int = 2400  # half of them with the ControlNet
     vae_batch_size: int = 8  # full images; the crop steps take 4x as many 32 px crops (same cost)
     vae_crop_fraction: float = 0.75  # the first 75% of VAE steps train on 32 px crops, the rest on 64 px
     batch_size: int = 32  # UNet (and ControlNet) phase
     vae_lr: float = 6e-4
     unet_lr: float = 4e-4
-    kl_weight: float = 1e-4  # times the KL per latent element (reconstruction losses are per pixel means)
+    kl_weight: float = 1e-3  # times the KL per latent element (reconstruction losses are per pixel means)
     vae_logvar_init: float = -6.0  # posterior log-variance the encoder starts from (std 0.05, not 1)
     caption_dropout: float = 0.1
     controlnet_caption_dropout: float = 0.5  # ControlNet paper: half the prompts empty, so edges are read
@@ -122,9 +122,9 @@ def make_vae():
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=16,
@@ -156,15 +156,15 @@ def make_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=16,
+        sample_size=32,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        block_out_channels=(32, 64, 128),
+        block_out_channels=(32, 64, 96, 128),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_HIDDEN,
-        attention_head_dim=(1, 2, 4),  # diffusers reads this as the number of heads: 32 wide each
+        attention_head_dim=(1, 2, 3, 4),  # diffusers reads this as the number of heads: 32 wide each
         norm_num_groups=8,
     )
 
@@ -172,7 +172,7 @@ def make_unet():
 def make_controlnet(unet):
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
 
 
 def make_scheduler():
@@ -357,10 +357,14 @@ def _final(losses: list[float], last: int = 50) -> float | None:
 class Trainer:
     """The two training phases of a build, in order; every random draw comes from `recipe.seed`."""
 
-    def __init__(self, recipe: Recipe, corpus: Corpus, tokenizer, quiet: bool = False, stop_after: int | None = None):
+    def __init__(self, recipe: Recipe, corpus: Corpus, tokenizer, quiet: bool = False, stop_after: int | None = None,
+                 device: str = "cpu"):
         from diffusers import DDPMScheduler
 
         self.recipe, self.corpus, self.tokenizer, self.quiet = recipe, corpus, tokenizer, quiet
+        # Every random draw is made on the CPU, from the phase's generators, and then moved: the same seed
+        # draws the same batches and noise on any device (the arithmetic still differs between devices).
+        self.device = torch.device(device)
         self.stop_after = stop_after  # steps per phase, to replay a build's first steps
         self.captions = Captions(corpus, tokenizer)
         self.noise_scheduler = DDPMScheduler(beta_start=BETA_START, beta_end=BETA_END,
@@ -401,7 +405,7 @@ class Trainer:
     def train_vae(self):
         r, start = self.recipe, time.time()
         rng, gen = self._streams(1)
-        vae = make_vae()
+        vae = make_vae().to(self.device)
         with torch.no_grad():  # start nearly deterministic: a std-1 posterior would drown the signal
             vae.quant_conv.bias[LATENT_CHANNELS:].fill_(r.vae_logvar_init)
         vae.train()
@@ -413,9 +417,10 @@ class Trainer:
             crop = step < crop_steps
             index = rng.integers(0, len(self.corpus), r.vae_batch_size * (4 if crop else 1))
             x = _pixels(self.corpus.images[index], rng.random(len(index)) < 0.5)
-            if crop:  # a 32 px window per image, on the 4 px latent grid
-                y0, x0 = (rng.integers(0, 9, len(index)) * 4 for _ in range(2))
+            if crop:  # a 32 px window per image, on the 2 px latent grid
+                y0, x0 = (rng.integers(0, 17, len(index)) * 2 for _ in range(2))
                 x = torch.stack([img[:, a:a + 32, b:b + 32] for img, a, b in zip(x, y0, x0)])
+            x = x.to(self.device)
             posterior = vae.encode(x).latent_dist
             reconstruction = vae.decode(posterior.sample(generator=gen)).sample
             kl = posterior.kl().mean() / posterior.mean[0].numel()
@@ -438,9 +443,9 @@ class Trainer:
         means, stds = [], []
         for i in range(0, len(self.corpus), chunk):
             images = self.corpus.images[i:i + chunk]
-            posterior = self.vae.encode(_pixels(images, np.zeros(len(images), bool))).latent_dist
-            means.append(posterior.mean)
-            stds.append(posterior.std)
+            posterior = self.vae.encode(_pixels(images, np.zeros(len(images), bool)).to(self.device)).latent_dist
+            means.append(posterior.mean.cpu())
+            stds.append(posterior.std.cpu())
         self.latent_mean, self.latent_std = torch.cat(means), torch.cat(stds)
         sample = self.latent_mean + self.latent_std * torch.randn(self.latent_mean.shape, generator=gen)
         std = float(sample.std())
@@ -457,11 +462,12 @@ class Trainer:
     def _noised(self, latents: torch.Tensor, gen: torch.Generator):
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (latents.shape[0],), generator=gen)
-        return self.noise_scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        return noisy.to(self.device), noise.to(self.device), timesteps.to(self.device)
 
     def _loss(self, prediction: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Epsilon MSE per sample, weighted by min(SNR, gamma) / SNR (Min-SNR weighting)."""
-        snr = self.snr[timesteps]
+        snr = self.snr.to(timesteps.device)[timesteps]
         weight = torch.clamp(snr, max=self.recipe.min_snr_gamma) / snr
         per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         return (weight * per_sample).mean()
@@ -474,8 +480,8 @@ class Trainer:
         UNet had not begun to follow its edges after 900 steps."""
         r, start = self.recipe, time.time()
         rng, gen = self._streams(2)
-        text_encoder, unet = make_text_encoder(), make_unet()
-        controlnet = make_controlnet(unet)
+        text_encoder, unet = make_text_encoder().to(self.device), make_unet().to(self.device)
+        controlnet = make_controlnet(unet).to(self.device)
         for module in (text_encoder, unet, controlnet):
             module.train()
         groups = [{"params": list(unet.parameters()) + list(controlnet.parameters()), "weight_decay": 1e-2},
@@ -488,14 +494,15 @@ class Trainer:
             with_edges = step % 2 == 1
             index = rng.integers(0, len(self.corpus), r.batch_size)
             dropout = r.controlnet_caption_dropout if with_edges else r.caption_dropout
-            ids = self.captions.ids([self.captions.draw(int(i), dropout, rng) for i in index])
+            ids = self.captions.ids([self.captions.draw(int(i), dropout, rng) for i in index]).to(self.device)
             noisy, noise, timesteps = self._noised(self._latents(index, gen), gen)
             context = text_encoder(ids)[0]
             residuals = {}
             if with_edges:
                 kind = rng.integers(0, 3, len(index))
                 down, mid = controlnet(noisy, timesteps, encoder_hidden_states=context,
-                                       controlnet_cond=_edges(self.corpus, index, kind), return_dict=False)
+                                       controlnet_cond=_edges(self.corpus, index, kind).to(self.device),
+                                       return_dict=False)
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             prediction = unet(noisy, timesteps, encoder_hidden_states=context, **residuals).sample
             loss = self._loss(prediction, noise, timesteps)
@@ -537,7 +544,7 @@ def save(trainer: Trainer, out_dir: str, report: dict) -> None:
 
     from diffusers import StableDiffusionPipeline
 
-    vae, text_encoder, unet, controlnet = (copy.deepcopy(m).half() for m in
+    vae, text_encoder, unet, controlnet = (copy.deepcopy(m).cpu().half() for m in
                                            (trainer.vae, trainer.text_encoder, trainer.unet, trainer.controlnet))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=trainer.tokenizer, unet=unet,
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
@@ -560,10 +567,12 @@ def save(trainer: Trainer, out_dir: str, report: dict) -> None:
 def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps: int | None = None,
           batch_size: int | None = None, vae_batch_size: int | None = None,
           corpus_size: int | None = None, threads: int | None = None, log_every: int | None = None,
-          quiet: bool = False) -> dict:
-    """Train the spinbench model from `seed` and save it to `out_dir` (replaced when it exists).
+          quiet: bool = False, device: str = "auto") -> dict:
+    """Train the spinbench model from `seed` and save it to `out_dir` (replaced when it exists), on
+    `device` ("auto": the first CUDA GPU when there is one, else the CPU).
 
     Returns the report also written to `out_dir/spinbench.json`."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if threads:
         torch.set_num_threads(threads)
     recipe = Recipe(seed=seed)
@@ -579,10 +588,10 @@ def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps:
         tokenizer = load_tokenizer(os.path.join(tmp, "tokenizer"))
         if not quiet:
             print(f"spinbench model: drawing {recipe.corpus_size} public images (seed {seed}); "
-                  f"{torch.get_num_threads()} threads", flush=True)
+                  f"training on {device}, {torch.get_num_threads()} CPU threads", flush=True)
         corpus = make_corpus(recipe.corpus_size, seed)
         corpus_seconds = time.time() - start
-        trainer = Trainer(recipe, corpus, tokenizer, quiet=quiet)
+        trainer = Trainer(recipe, corpus, tokenizer, quiet=quiet, device=device)
         trainer.run()
         modules = {"vae": trainer.vae, "text_encoder": trainer.text_encoder, "unet": trainer.unet,
                    "controlnet": trainer.controlnet}
@@ -596,6 +605,7 @@ def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps:
             "params": {name: n_params(m) for name, m in modules.items()},
             "latents": trainer.latent_stats,
             "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else device,
             "seconds": {"corpus": corpus_seconds, **trainer.seconds},
             "versions": _versions(),
         }
@@ -711,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--vae-batch-size", type=int, default=defaults.vae_batch_size,
                    help="64 px images per VAE step (crop steps take 4x as many 32 px crops)")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one, else cpu), cpu, cuda, cuda:N")
     b.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between progress lines")
     s = sub.add_parser("sample", help="write txt2img and ControlNet sample grids of a saved model")
     s.add_argument("--model", default="spinbench/weights")
@@ -724,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         build(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
               batch_size=args.batch_size,
               vae_batch_size=args.vae_batch_size, corpus_size=args.corpus_size, threads=args.threads,
-              log_every=args.log_every)
+              log_every=args.log_every, device=args.device)
     else:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -85,7 +85,7 @@ def test_service_engine_loads_the_build_and_generates_txt2img_and_controlnet(bui
     out, _ = built
     engine = DiffusionEngine(out, device="cpu")
     base = engine.pipes["txt2img"]
-    assert len(base.tokenizer) > 2 and base.vae_scale_factor == 4
+    assert len(base.tokenizer) > 2 and base.vae_scale_factor == 2
     assert base.unet.dtype == torch.float32 and base.text_encoder.dtype == torch.float32  # fp16 on disk, upcast
     assert "controlnet" in engine.kinds
     edges = np.zeros((64, 64), np.uint8)
