@@ -45,6 +45,7 @@ class JobBoard:
         self.closed = False
         self.making_room = 0  # Ray work outside the fleet waiting for resources: idle slots leave for it
         self.started: set[int] = set()  # slots whose loop has asked for work at least once
+        self.kept_idle = 0  # idle periods after which a slot stayed because a job was expected
         self.changed = asyncio.Condition()
 
     async def put(self, job_id: str, config: dict) -> None:
@@ -88,7 +89,7 @@ class JobBoard:
                     try:
                         await asyncio.wait_for(self.changed.wait(), remaining)
                     except asyncio.TimeoutError:
-                        pass
+                        self.kept_idle += bool(self.expected)
                 if not self.pending:
                     return None
                 self.running[slot] = self.pending.pop(0)
@@ -115,6 +116,9 @@ class JobBoard:
 
     def started_count(self) -> int:
         return len(self.started)
+
+    def kept_idle_count(self) -> int:
+        return self.kept_idle
 
     async def close(self) -> None:
         """Idle slots leave now, not after `idle_s`."""

@@ -75,7 +75,9 @@ def test_an_expected_job_keeps_its_slot_until_synthesis_ends(ray_cluster, tmp_pa
         while ray.get(fleet.board.started_count.remote()) < 1:
             assert time.time() < deadline, "the expected job's slot did not start"
             time.sleep(0.2)
-        time.sleep(8)  # 4 x idle_s with nothing to train (an idle slot is gone after about 4.5 s here) ...
+        while ray.get(fleet.board.kept_idle_count.remote()) < 2:  # two idle periods with nothing to train ...
+            assert time.time() < deadline, "the slot's idle periods did not pass"
+            time.sleep(0.2)
         assert fleet.live  # ... and the slot stays, because a job is expected
         fleet.forget("t/r")  # synthesis failed: the job never comes
         deadline = time.time() + 60

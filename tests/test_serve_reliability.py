@@ -92,7 +92,11 @@ def test_killing_a_replica_mid_batch_fails_clearly_and_a_retry_completes(ray_clu
     try:
         [name] = _replica_actor_names("kill")
         caller.start()
-        time.sleep(2.0)  # the batch of six is being generated
+        replica = serve.get_deployment_handle("DiffusionDeployment", app_name="kill")
+        deadline = time.time() + 120
+        while replica.info.remote().result()["generating"] == 0:  # until the batch is being generated
+            assert time.time() < deadline and caller.is_alive(), "the batch never started"
+            time.sleep(0.1)
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         caller.join(timeout=300)
         response = result["r"]

@@ -11,6 +11,11 @@
   with `Retry-After` when busy), images written to storage only inside that prefix; no error body
   carries a traceback, path or process id. It calls the diffusion deployment through the same
   `submit` the job uses.
+
+`app_builder` is the application as Ray builds it from a config: `serve run
+spinml_ray.synthesis.service:app_builder model=...`, `serve deploy cluster/serve-config.yaml`, or a
+KubeRay RayService (`cluster/kuberay/rayservice.yaml`); its arguments are `SynthesisAppArgs`.
+`spinml serve` and the batch job deploy the same application through `build_app`.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real types of the route bodies.
@@ -62,6 +67,7 @@ class _AdapterRef:
 class DiffusionDeployment:
     def __init__(self, model: str = "tiny", controlnet: Optional[str] = None, max_adapters: int = 8):
         self.engine = DiffusionEngine(model, controlnet, max_adapters=max_adapters + 1)
+        self.generating = 0  # images in the batch being generated now
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: {"max_batch_size": int, "batch_wait_timeout_s": float}; applied live."""
@@ -94,10 +100,13 @@ class DiffusionDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def generate_batch(self, items: list[WorkItem]) -> list:
         loop = asyncio.get_running_loop()
+        self.generating += len(items)
         try:
             return await loop.run_in_executor(None, self._generate_isolated, items)
         except Exception as exc:
             return [exc] * len(items)
+        finally:
+            self.generating -= len(items)
 
     async def generate(self, item: WorkItem) -> GeneratedImage:
         if item.adapter:
@@ -109,7 +118,8 @@ class DiffusionDeployment:
 
     def info(self) -> dict:
         return {"model": self.engine.model, "pipelines": self.engine.kinds, "adapters": list(self.engine.adapters),
-                "batching": getattr(self, "batching", None), "device": self.engine.device}
+                "batching": getattr(self, "batching", None), "device": self.engine.device,
+                "generating": self.generating}
 
 
 class ApiGenerateRequest(BaseModel):
@@ -240,6 +250,38 @@ class SynthesisAPI:
         return await loop.run_in_executor(None, storage.write_within, home, uri, generated.image)
 
 
+class SynthesisAppArgs(BaseModel):
+    """The arguments of the synthesis application in a Serve config (`applications[].args`). Replica
+    counts, autoscaling and actor resources can also be set the Serve way, under `deployments:`
+    (`DiffusionDeployment`, `SynthesisAPI`); those override what these arguments set."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=())
+
+    model: str = Field(default="tiny", min_length=1, description="model source: tiny, a directory, s3:// prefix or hub id")
+    controlnet: Optional[str] = None
+    storage_root: str = Field(default_factory=lambda: os.environ.get("SPINML_STORAGE", "spinml-data"),
+                              min_length=1, description="where API calls store their images (default: $SPINML_STORAGE)")
+    num_replicas: int = Field(default=1, ge=1)
+    gpus_per_replica: Optional[float] = Field(
+        default=None, ge=0, description="GPU share of a diffusion replica; default: half the card on a one-GPU "
+                                        "cluster, a whole one on larger ones, none without GPUs")
+    cpus_per_replica: float = Field(default=1, gt=0)
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
+    autoscaling: Optional[dict] = Field(default=None, description="a Serve autoscaling_config; replaces num_replicas")
+    max_pending_images: int = Field(default=256, ge=1)
+
+
+def app_builder(args: SynthesisAppArgs) -> serve.Application:
+    """The synthesis application from its arguments, as Ray's `serve run`/`serve deploy` build it."""
+    from spinml_ray.cluster import cluster_gpus, synthesis_gpu_share
+
+    options = args.model_dump()
+    if options["gpus_per_replica"] is None:
+        options["gpus_per_replica"] = synthesis_gpu_share(cluster_gpus())
+    return build_app(**options)
+
+
 def build_app(model: str = "tiny", controlnet: Optional[str] = None, storage_root: str = "spinml-data",
               num_replicas: int = 1, gpus_per_replica: float = 0, cpus_per_replica: float = 1,
               max_batch_size: int = 8, batch_wait_timeout_s: float = 0.05, autoscaling: Optional[dict] = None,
@@ -265,8 +307,6 @@ def ensure_running(model: str = "tiny", controlnet: Optional[str] = None, http_h
     A running app that serves another model is an error, never silently used.
 
     Serialised within the process, so concurrent requests of a batch job never deploy it twice."""
-    from spinml_ray.cluster import cluster_gpus, synthesis_gpu_share
-
     with _DEPLOY_LOCK:
         try:
             status = serve.status().applications.get(APP_NAME)
@@ -275,8 +315,8 @@ def ensure_running(model: str = "tiny", controlnet: Optional[str] = None, http_h
         started = status is None or not str(status.status).endswith("RUNNING")
         if started:
             serve.start(http_options={"host": http_host, "port": http_port})
-            app_options.setdefault("gpus_per_replica", synthesis_gpu_share(cluster_gpus()))
-            serve.run(build_app(model, controlnet, **app_options), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+            app = app_builder(SynthesisAppArgs(model=model, controlnet=controlnet, **app_options))
+            serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX)
         handle = serve.get_deployment_handle("DiffusionDeployment", app_name=APP_NAME)
         if not started and (served := handle.info.remote().result()["model"]) != model:
             raise RuntimeError(f"the running synthesis app serves model {served!r}, not {model!r}: run with "
