@@ -157,8 +157,8 @@ def _serve(args) -> int:
 
     from ray import serve
 
-    from spinml_ray.cluster import cluster_gpus, connect, synthesis_gpu_share
-    from spinml_ray.synthesis.service import APP_NAME, ROUTE_PREFIX, build_app
+    from spinml_ray.cluster import connect
+    from spinml_ray.synthesis.service import APP_NAME, ROUTE_PREFIX, SynthesisAppArgs, app_builder
 
     connect(args.address, num_cpus=args.num_cpus)
     serve.start(http_options={"host": args.host, "port": args.http_port})
@@ -166,11 +166,11 @@ def _serve(args) -> int:
     if args.autoscale:
         autoscaling = {"min_replicas": args.autoscale[0], "max_replicas": args.autoscale[1],
                        "target_ongoing_requests": 2 * args.max_batch_size}
-    gpus = synthesis_gpu_share(cluster_gpus()) if args.gpus_per_replica is None else args.gpus_per_replica
-    serve.run(build_app(args.model, args.controlnet, storage_root=args.storage, num_replicas=args.replicas,
-                        gpus_per_replica=gpus, max_batch_size=args.max_batch_size,
-                        batch_wait_timeout_s=args.batch_wait_s, autoscaling=autoscaling,
-                        max_pending_images=args.max_pending_images), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+    app = app_builder(SynthesisAppArgs(
+        model=args.model, controlnet=args.controlnet, storage_root=args.storage, num_replicas=args.replicas,
+        gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_s, autoscaling=autoscaling, max_pending_images=args.max_pending_images))
+    serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX)
     print(f"synthesis API: http://{args.host}:{args.http_port}{ROUTE_PREFIX}/v1/generate (GET {ROUTE_PREFIX}/healthz)")
     if args.detach:
         return 0
