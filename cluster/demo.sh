@@ -48,7 +48,7 @@ bash cluster/start-local.sh --dashboard-agent-listen-port="$agent_port" --metric
 trap 'bash cluster/stop-local.sh >/dev/null 2>&1 || true' EXIT
 
 ray job submit --address "http://127.0.0.1:$RAY_DASHBOARD_PORT" --working-dir . \
-  --runtime-env-json '{"excludes": [".venv", ".git", "spinml-data", "spinbench/weights", "*.egg-info", ".pytest_cache", ".hypothesis"]}' \
+  --runtime-env-json '{"excludes": [".venv", ".git", ".ray-local", "spinml-data", "spinbench/weights", "*.egg-info", ".pytest_cache", ".hypothesis"]}' \
   -- python jobs/run_request.py "$request" --storage "$storage" --model "$model"
 
 result="$(python - "$request" "$storage" <<'PY'

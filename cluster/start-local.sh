@@ -8,8 +8,12 @@
 #   RAY_PORT            GCS port                     (default 6379)
 #   RAY_DASHBOARD_PORT  dashboard / job API port     (default 8265)
 #   RAY_NUM_CPUS        CPUs Ray may schedule on     (default: all of them, from nproc)
+#   RAY_START_TIMEOUT_S how long to wait for the job API (default 180)
 #
-# Stop it with: bash cluster/stop-local.sh
+# The head runs as `ray start --head --block` in a process group of its own, whose id is written to
+# .ray-local/head-$RAY_PORT.pid (its log beside it). Stop it with: bash cluster/stop-local.sh, which
+# stops that group only: other Ray processes on this machine (another checkout's, a test's, your
+# own) are left alone, where `ray stop` would stop them all.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,7 +45,17 @@ if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" && ! -s "${RAY_AUTH_
   "$ray_bin" get-auth-token --generate >/dev/null
 fi
 
-"$ray_bin" start --head \
+state_dir="$repo_root/.ray-local"
+pid_file="$state_dir/head-$port.pid"
+log_file="$state_dir/head-$port.log"
+mkdir -p "$state_dir"
+if [[ -s "$pid_file" ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+  echo "start-local.sh: a head started here already runs on port $port (pid $(cat "$pid_file")); stop it with cluster/stop-local.sh" >&2
+  exit 1
+fi
+
+# setsid: the head and everything it starts form their own process group, which stop-local.sh stops.
+setsid "$ray_bin" start --head --block \
   --node-ip-address=127.0.0.1 \
   --port="$port" \
   --dashboard-host=127.0.0.1 \
@@ -49,7 +63,26 @@ fi
   --include-dashboard=true \
   --num-cpus="$num_cpus" \
   --disable-usage-stats \
-  "$@"
+  "$@" >"$log_file" 2>&1 </dev/null &
+pid=$!
+echo "$pid" >"$pid_file"
+
+# Ready when the dashboard's job API answers (what `ray job submit` needs), bounded.
+deadline=$((SECONDS + ${RAY_START_TIMEOUT_S:-180}))
+until "$ray_bin" job list --address "http://127.0.0.1:$dashboard_port" >/dev/null 2>&1; do
+  if ! kill -0 "$pid" 2>/dev/null; then
+    rm -f "$pid_file"
+    echo "start-local.sh: ray start exited; its log ($log_file) ends with:" >&2
+    tail -n 20 "$log_file" >&2
+    exit 1
+  fi
+  if (( SECONDS >= deadline )); then
+    echo "start-local.sh: the job API did not answer within ${RAY_START_TIMEOUT_S:-180} s; stopping the head" >&2
+    bash "$repo_root/cluster/stop-local.sh" >&2 || true
+    exit 1
+  fi
+  sleep 1
+done
 
 cat <<MSG
 

@@ -1,14 +1,12 @@
-"""`ray job submit` of jobs/run_request.py against a cluster started by `ray start --head` (loopback)."""
+"""`ray job submit` of jobs/run_request.py against a head started by cluster/start-local.sh (loopback), which\ncluster/stop-local.sh stops without touching other Ray processes."""
 
 import json
 import os
 import secrets
-import signal
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -21,40 +19,37 @@ BIN = os.path.dirname(sys.executable)
 
 
 @pytest.fixture(scope="module")
-def head_node():
-    """`ray start --head --block` in its own process group; SIGTERM lets it stop what it started."""
+def head_node(ray_cluster):
+    """A head started by cluster/start-local.sh (as `make demo` starts one), beside the test session's own
+    local Ray; cluster/stop-local.sh must stop that head's processes and leave the session's Ray alone."""
     port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_BIN": f"{BIN}/ray", "RAY_PORT": str(port),
+           "RAY_DASHBOARD_PORT": str(dashboard), "RAY_NUM_CPUS": "4",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this cluster's own token
     env.pop("RAY_ADDRESS", None)
-    process = subprocess.Popen(
-        [f"{BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+    started = subprocess.run(
+        ["bash", os.path.join(REPO, "cluster", "start-local.sh"), f"--temp-dir={temp_dir}",
          # Own agent and metrics ports: the session's other local Ray may hold the defaults.
          f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
          f"--ray-client-server-port={free_port()}"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        probe = subprocess.run([f"{BIN}/ray", "job", "list", "--address", address], env=env,
-                               capture_output=True, timeout=120)
-        if probe.returncode == 0:
-            break
-        assert process.poll() is None, "ray start --head exited early"
-        time.sleep(2)
-    else:
-        pytest.fail("the dashboard's job API did not come up")
-    yield address, env
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    with open(os.path.join(REPO, ".ray-local", f"head-{port}.pid")) as handle:
+        group = int(handle.read())
+    yield f"http://127.0.0.1:{dashboard}", env
+    stopped = subprocess.run(["bash", os.path.join(REPO, "cluster", "stop-local.sh")], env=env,
+                             capture_output=True, text=True, timeout=300)
     shutil.rmtree(temp_dir, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    with pytest.raises(ProcessLookupError):  # every process of that head is gone ...
+        os.killpg(group, 0)
+
+    @ray_cluster.remote
+    def alive() -> str:
+        return "alive"
+
+    assert ray_cluster.get(alive.remote(), timeout=120) == "alive"  # ... and the session's Ray still works
 
 
 def test_ray_job_submit_runs_the_example_request(tmp_path, head_node):
