@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
+from importlib import resources
 from typing import Annotated, Literal
 
 import yaml
@@ -103,6 +104,13 @@ class SynthesisSpec(_Strict):
     strength: float = Field(default=0.75, gt=0.0, le=1.0, description="image guidance strength at L2")
     scheduler: Literal["dpmsolver++", "ddim", "euler", "pndm", "unipc"] = "dpmsolver++"
     negative_prompt: str = "blurry, low quality, distorted, watermark, text"
+    prompt_decorations: bool = Field(
+        default=True, description="add a seeded view, lighting and (with an L0 background) setting to each prompt "
+                                  "for diversity; false gives the SpinML paper's 'A photo of a {subject} {phrase}.'")
+    l2_target: Literal["image_guided", "personalized_text"] = Field(
+        default="image_guided", description="how a target released at L2 is drawn: image_guided starts from its "
+        "released pixels (img2img, with the adapter where there is one); personalized_text draws it from the prompt "
+        "with the personalized model's identifier, as the SpinML paper does, and needs personalization")
 
     @field_validator("resolution")
     @classmethod
@@ -151,6 +159,39 @@ class TrainingSpec(_Strict):
     image_size: int = Field(default=224, ge=16, le=1024)
     num_workers: int = Field(default=1, ge=1, le=1024)
     gpu_fraction: float = Field(default=0.25, gt=0.0, le=1.0, description="GPU share per worker on GPU clusters")
+    pretrained: str = Field(
+        default="auto", min_length=1, max_length=storage.MAX_URI_LENGTH,
+        description="starting weights. auto: the model source's classifiers/ (detectors/) file, else torchvision's "
+                    "ImageNet (COCO) weights from the node's cache or download, else random with a warning; "
+                    "none: random; or the URI of a torchvision state dict in the request's folder")
+
+
+RECIPES = tuple(sorted(f.name.removesuffix(".yaml") for f in resources.files("spinml_ray.recipes").iterdir()
+                      if f.name.endswith(".yaml")))
+RECIPE_SECTIONS = ("sanitization", "synthesis", "personalization", "training")
+
+
+def recipe_settings(name: str) -> dict:
+    """The settings a named recipe gives (`spinml_ray/recipes/{name}.yaml`), by section."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe: no such recipe; the recipes are {list(RECIPES)}")
+    return yaml.safe_load(resources.files("spinml_ray.recipes").joinpath(f"{name}.yaml").read_text())
+
+
+def _with_recipe(document: dict) -> dict:
+    """A request document with its recipe's settings filled in under its own: the request's values win."""
+    name = document.get("recipe")
+    if name is None:
+        return document
+    if not isinstance(name, str):
+        raise ValueError(f"recipe: must be a name, one of {list(RECIPES)}")
+    merged = dict(document)
+    for section, settings in recipe_settings(name).items():
+        own = document.get(section)
+        if own is not None and not isinstance(own, dict):
+            continue  # the section's own validation names the problem
+        merged[section] = {**settings, **(own or {})}
+    return merged
 
 
 class RequestSpec(_Strict):
@@ -169,11 +210,14 @@ class RequestSpec(_Strict):
     test_set: str | None = Field(default=None, description="URI of a folder with one subfolder per label (and, to "
                                  "detect, a boxes.json: {'label/file.png': [[x0, y0, x1, y1], ...]})")
     min_references: int = Field(default=1, ge=1)
+    recipe: str | None = Field(default=None, description=f"named settings filled in under the request's own: one of {list(RECIPES)}")
 
     @model_validator(mode="before")
     @classmethod
-    def _default_architecture(cls, document):
-        """The architecture defaults by task (a detector for detection)."""
+    def _defaults(cls, document):
+        """The recipe's settings, then the architecture's default by task (a detector for detection)."""
+        if isinstance(document, dict):
+            document = _with_recipe(document)
         if isinstance(document, dict) and document.get("task") in DEFAULT_ARCHITECTURE:
             training = document.get("training")
             if training is None or (isinstance(training, dict) and "architecture" not in training):
@@ -193,6 +237,10 @@ class RequestSpec(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"labels: duplicate label names {duplicates}")
+        if (self.privacy.target == Level.L2 and self.synthesis.l2_target == "personalized_text"
+                and not self.personalization.enabled):
+            raise ValueError("synthesis.l2_target: personalized_text draws the L2 target with the personalized model; "
+                             "it needs personalization.enabled (or l2_target: image_guided)")
         for i, ref in enumerate(self.references):
             if ref.label is not None and ref.label not in names:
                 raise ValueError(f"references[{i}].label: {ref.label!r} is not one of the labels {names}")
@@ -247,7 +295,7 @@ def _confined(base_uri: str, uri: str | None, what: str, source: str) -> str | N
 
 def parse_request(document: dict, base_uri: str | None = None, source: str = "request") -> RequestSpec:
     """Validate a request document (already parsed). With `base_uri` (the folder holding the document),
-    every URI it names (references, masks, test set, bundle) must lie inside that folder: relative
+    every URI it names (references, masks, test set, bundle, pretrained weights) must lie inside that folder: relative
     ones resolve against it, and one that leads anywhere else is refused with the field named."""
     if not isinstance(document, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, got {type(document).__name__}")
@@ -267,9 +315,14 @@ def parse_request(document: dict, base_uri: str | None = None, source: str = "re
         )
         for i, ref in enumerate(spec.references)
     ]
+    training = spec.training
+    if training.pretrained not in ("auto", "none"):
+        training = training.model_copy(
+            update={"pretrained": _confined(base_uri, training.pretrained, "training.pretrained", source)})
     return spec.model_copy(update={"references": refs,
                                    "test_set": _confined(base_uri, spec.test_set, "test_set", source),
-                                   "bundle": _confined(base_uri, spec.bundle, "bundle", source)})
+                                   "bundle": _confined(base_uri, spec.bundle, "bundle", source),
+                                   "training": training})
 
 
 def load_request(uri: str) -> RequestSpec:

@@ -2,6 +2,7 @@
 
 import os
 import secrets
+import tempfile
 import socket
 
 import pytest
@@ -10,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # as on a real cluster; the token stays on this machine
+# An empty torch hub cache (before any Ray starts, so workers inherit it): `training.pretrained: auto`
+# finds no ImageNet weights here whatever this machine has cached, so trainings start from random weights.
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="spinml-torch-home-")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE_REQUEST = os.path.join(REPO, "examples", "request.yaml")

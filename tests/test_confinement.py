@@ -107,7 +107,7 @@ def test_write_within_writes_nothing_outside_the_prefix(layout, uri, data):
 
 
 @PROPS
-@given(field=st.sampled_from(["uri", "mask_uri", "test_set", "bundle"]), uri=hostile_uris())
+@given(field=st.sampled_from(["uri", "mask_uri", "test_set", "bundle", "pretrained"]), uri=hostile_uris())
 def test_a_request_names_only_files_in_its_own_folder(layout, field, uri):
     tmp_path, prefix = layout
     folder = prefix / "r"
@@ -118,6 +118,8 @@ def test_a_request_names_only_files_in_its_own_folder(layout, field, uri):
         document["references"][0][field] = _fill(uri, prefix)
     elif field == "bundle":
         document = {**document, "references": [], "bundle": _fill(uri, prefix)}
+    elif field == "pretrained":
+        document["training"] = {"pretrained": _fill(uri, prefix)}
     else:
         document["test_set"] = _fill(uri, prefix)
     request = folder / "request.yaml"
@@ -130,6 +132,8 @@ def test_a_request_names_only_files_in_its_own_folder(layout, field, uri):
     except SpecError:
         return
     named = [spec.test_set, spec.bundle] + [u for ref in spec.references for u in (ref.uri, ref.mask_uri)]
+    if spec.training.pretrained not in ("auto", "none"):
+        named.append(spec.training.pretrained)
     assert all(_inside_local(u, str(folder)) for u in named if u), named
 
 

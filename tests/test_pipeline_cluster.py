@@ -70,6 +70,7 @@ def test_example_request_end_to_end(tmp_path, synthesis, http_port):
     metrics = storage.read_json(os.path.join(model_dir, "metrics.json"))
     assert metrics["evaluated_on"] == "real test set" and metrics["n"] == 8
     assert 0.0 <= metrics["accuracy"] <= 1.0 and np.array(metrics["confusion"]).sum() == 8
+    assert metrics["pretrained"] == "none (offline)"  # auto, with no weights in tiny or the hub cache, no network
     settings = storage.read_json(os.path.join(model_dir, "settings.json"))
     assert settings["privacy"]["target"] == "L1" and settings["training"]["epochs"] == 2
 

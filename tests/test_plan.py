@@ -15,7 +15,7 @@ from spinml_ray.images import decode_png
 from spinml_ray.sanitizer import sanitize_image
 from spinml_ray.spec import Level, parse_request
 from spinml_ray.synthesis.plan import L0_L0, geometry_box, image_seed, index_bundle, plan_work_items
-from spinml_ray.synthesis.prompts import SETTINGS, build_prompt
+from spinml_ray.synthesis.prompts import SETTINGS, VIEWS, build_prompt
 from spinml_ray.synthesis.workitems import WorkItem
 
 SUBJECT = "yellow rubber duck"
@@ -34,7 +34,8 @@ EXPECTED_KIND = {
 }
 
 
-def make_spec(target="L1", background="L0", alpha=0.0, n=4, seed=0, labels=(("floating", "floating"), ("resting", "resting"))):
+def make_spec(target="L1", background="L0", alpha=0.0, n=4, seed=0, labels=(("floating", "floating"), ("resting", "resting")),
+              **synthesis):
     references = [{"uri": f"{ref_id}.png", "label": label} for ref_id, label in labels]
     document = {
         "request_id": "req-plan",
@@ -43,7 +44,7 @@ def make_spec(target="L1", background="L0", alpha=0.0, n=4, seed=0, labels=(("fl
         "labels": [{"name": name, "phrase": phrase} for name, phrase in LABELS.items()],
         "references": references,
         "privacy": {"target": target, "background": background, "alpha": alpha},
-        "synthesis": {"images_per_label": n, "resolution": RESOLUTION, "steps": 4, "seed": seed},
+        "synthesis": {"images_per_label": n, "resolution": RESOLUTION, "steps": 4, "seed": seed, **synthesis},
     }
     return parse_request(document)
 
@@ -66,9 +67,10 @@ def sanitized_rows(scenes, target, background, refs=REFS, images=None):
     return rows
 
 
-def plan(scenes, target="L1", background="L0", alpha=0.0, n=4, seed=0, refs=REFS, images=None):
-    spec = make_spec(target, background, alpha, n, seed, labels=refs)
-    return plan_work_items(spec, index_bundle(sanitized_rows(scenes, target, background, refs, images)))
+def plan(scenes, target="L1", background="L0", alpha=0.0, n=4, seed=0, refs=REFS, images=None, adapter=None, token=None,
+         **synthesis):
+    spec = make_spec(target, background, alpha, n, seed, labels=refs, **synthesis)
+    return plan_work_items(spec, index_bundle(sanitized_rows(scenes, target, background, refs, images)), adapter, token)
 
 
 def resized_mask(mask, size=RESOLUTION):
@@ -221,6 +223,18 @@ def test_prompts_name_subject_and_label_and_hide_setting_when_background_release
             assert len(settings_named) == 1, item.prompt
 
 
+@pytest.mark.parametrize("target, background", [("L0", "L0"), ("L1", "L0"), ("L2", "L2")])
+def test_without_decorations_every_prompt_has_the_papers_form(scenes, target, background):
+    spec = make_spec(target, background, 0.25, 8, 0, labels=REFS)
+    spec = spec.model_copy(update={"synthesis": spec.synthesis.model_copy(update={"prompt_decorations": False})})
+    items = plan_work_items(spec, index_bundle(sanitized_rows(scenes, target, background, REFS)))
+    assert {i.pool for i in items} == ({"L0_L0"} if target == "L0" else {"L0_L0", f"{target}_{background}"})
+    for item in items:
+        assert item.prompt == f"A photo of a {SUBJECT} {LABELS[item.label]}."
+    decorated = plan(scenes, target, background, alpha=0.25, n=8)
+    assert all(any(v in i.prompt for v in VIEWS) for i in decorated)  # the default adds a view to each
+
+
 def test_build_prompt_is_seeded():
     assert build_prompt("husky dog", "sleeping", 3) == build_prompt("husky dog", "sleeping", 3)
     prompts = {build_prompt("husky dog", "sleeping", s) for s in range(40)}
@@ -326,3 +340,39 @@ def test_geometry_box_is_the_target_box_where_the_conditioning_places_it(scenes,
         truth = np.array([xs.min() * size / w, ys.min() * size / h, (xs.max() + 1) * size / w, (ys.max() + 1) * size / h])
         tolerance = 2.5 if target == "L1" else 1e-6  # edges sit on, or a pixel inside, the silhouette
         assert np.abs(np.array(box) - truth).max() <= tolerance, (target, background, box, truth)
+
+
+# ---------------------------------------------------------------- an L2 target drawn from text
+
+
+@pytest.mark.parametrize("background, kind", [("L0", "txt2img"), ("L1", "controlnet"), ("L2", "inpaint")])
+def test_a_personalized_text_l2_target_reaches_synthesis_only_through_the_adapter(scenes, background, kind):
+    options = dict(adapter="s3://b/acme/req-plan/adapters", token="sks", l2_target="personalized_text")
+    items = plan(scenes, "L2", background, **options)
+    assert {item.kind for item in items} == {kind}
+    assert all(item.adapter == options["adapter"] and " sks " in item.prompt for item in items)
+    for item in items:
+        if item.init_image is not None:  # the released room, with the target's place left to inpaint
+            target_mask = resized_mask(scenes[item.source_ref][1])
+            assert decode_png(item.init_image)[eroded(target_mask)].max() < 12
+    # the target's pixels change nothing the service is sent; under image_guided they change the items
+    rng = np.random.default_rng(2)
+    images = {}
+    for ref_id, _ in REFS:
+        image, mask = scenes[ref_id]
+        images[ref_id] = image.copy()
+        images[ref_id][mask] = rng.integers(0, 256, (int(mask.sum()), 3), dtype=np.uint8)
+    assert [i.model_dump() for i in plan(scenes, "L2", background, images=images, **options)] == [i.model_dump() for i in items]
+    guided = dict(options, l2_target="image_guided")
+    assert ([i.model_dump() for i in plan(scenes, "L2", background, images=images, **guided)]
+            != [i.model_dump() for i in plan(scenes, "L2", background, **guided)])
+
+
+@pytest.mark.parametrize("background", LEVELS)
+def test_a_personalized_text_l2_target_has_no_geometry_of_its_own(scenes, background):
+    for rows in index_bundle(sanitized_rows(scenes, "L2", background)).values():
+        box = geometry_box(rows["target"], rows["background"], RESOLUTION, target_pixels=False)
+        if background == "L2":  # the hole in the released room still places it, where the target's mask did
+            assert box is not None and box == geometry_box(rows["target"], rows["background"], RESOLUTION)
+        else:
+            assert box is None

@@ -9,8 +9,10 @@ import re
 
 import pytest
 import yaml
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from spinml_ray.spec import Level, PrivacySpec, RequestSpec, SpecError, load_request, parse_request
+from spinml_ray.spec import RECIPES, Level, PrivacySpec, RequestSpec, SpecError, load_request, parse_request
 
 from conftest import EXAMPLE_REQUEST
 
@@ -104,17 +106,25 @@ def test_parse_resolves_relative_uris_against_base(tmp_path):
     assert spec.references[0].mask_uri == str(base / "masks" / "a.png")
     assert spec.references[1].mask_uri is None
     assert spec.test_set == str(base / "test_set")
+    assert spec.training.pretrained == "auto"  # the default, a keyword and not a file
+    document["training"]["pretrained"] = "weights/resnet18.pth"
+    assert parse_request(document, base_uri=str(base)).training.pretrained == str(base / "weights" / "resnet18.pth")
+    document["training"]["pretrained"] = "none"
+    assert parse_request(document, base_uri=str(base)).training.pretrained == "none"
 
 
 @pytest.mark.parametrize("field, outside", [
     ("references.0.uri", "/elsewhere/b.png"), ("references.0.uri", "../up.png"),
     ("references.0.uri", "s3://bucket/c.png"), ("references.0.mask_uri", "../req-other/m.png"),
     ("test_set", "/etc"), ("test_set", "https://example.org/x"),
+    ("training.pretrained", "../other/resnet18.pth"), ("training.pretrained", "s3://bucket/w.pth"),
 ])
 def test_parse_refuses_uris_outside_the_request_folder(tmp_path, field, outside):
     document = base_document()
     if field == "test_set":
         document["test_set"] = outside
+    elif field == "training.pretrained":
+        document["training"]["pretrained"] = outside
     else:
         document["references"][0][field.split(".")[-1]] = outside
     with pytest.raises(SpecError, match=field.replace(".", r"\.") + ".*outside"):
@@ -359,3 +369,56 @@ def test_example_request_loads_through_file_uri():
     spec = load_request("file://" + os.path.abspath(EXAMPLE_REQUEST))
     for ref in spec.references:
         assert os.path.isfile(ref.uri.removeprefix("file://")), ref.uri
+
+
+# ---------------------------------------------------------------- named recipes
+
+
+def test_the_paper_recipe_gives_the_papers_settings_end_to_end():
+    document = {key: value for key, value in base_document().items() if key not in ("synthesis", "training")}
+    spec = parse_request({**document, "recipe": "spinml-paper"})
+    synthesis, training, personalization = spec.synthesis, spec.training, spec.personalization
+    assert (synthesis.resolution, synthesis.steps, synthesis.guidance, synthesis.scheduler) == (512, 50, 7.5, "pndm")
+    assert synthesis.negative_prompt == "" and synthesis.prompt_decorations is False
+    assert synthesis.l2_target == "personalized_text"
+    assert (personalization.token, personalization.steps, personalization.resolution) == ("sks", 400, 512)
+    assert (training.architecture, training.image_size, training.learning_rate, training.epochs,
+            training.batch_size, training.pretrained) == ("mobilenet_v2", 224, 1e-3, 5, 128, "auto")
+    assert spec.recipe == "spinml-paper"
+    # without the recipe, the project's defaults: the recipe is what changed them
+    plain = parse_request(document)
+    assert (plain.synthesis.scheduler, plain.synthesis.prompt_decorations, plain.synthesis.l2_target) == (
+        "dpmsolver++", True, "image_guided")
+
+
+def test_a_requests_own_settings_win_over_its_recipe():
+    document = with_change(("synthesis",), {"steps": 20, "scheduler": "ddim"})
+    spec = parse_request({**document, "recipe": "spinml-paper"})
+    assert (spec.synthesis.steps, spec.synthesis.scheduler) == (20, "ddim")
+    assert spec.synthesis.guidance == 7.5  # not set by the request: the recipe's
+    assert spec.training.architecture == "resnet18" and spec.training.epochs == 1
+
+
+def test_a_detection_request_keeps_a_detector_under_the_paper_recipe():
+    document = with_change(("task",), "detection")
+    document["labels"] = document["labels"][:1]
+    document["references"] = [{**ref, "label": "sleeping"} for ref in document["references"]]
+    del document["training"]
+    spec = parse_request({**document, "recipe": "spinml-paper"})
+    assert spec.training.architecture == "ssdlite320_mobilenet_v3_large"
+
+
+@given(name=st.one_of(st.text(max_size=80), st.integers(), st.lists(st.text(max_size=5), max_size=2)))
+@settings(max_examples=150, deadline=None)
+def test_a_recipe_is_a_name_from_the_list_never_a_path(name):
+    assume(name not in RECIPES)
+    message = error_of({**base_document(), "recipe": name})
+    assert "recipe" in message and "spinml-paper" in message
+
+
+def test_personalized_text_needs_personalization():
+    document = with_change(("synthesis", "l2_target"), "personalized_text")
+    document["personalization"] = {"enabled": False}
+    assert "synthesis.l2_target" in error_of(document)
+    document["privacy"] = {"target": "L1", "background": "L0"}  # no L2 target: nothing to draw from text
+    assert parse_request(document).synthesis.l2_target == "personalized_text"

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -106,28 +107,65 @@ def test_exported_models_match_pytorch(arch):
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
-def test_pretrained_backbone_from_the_model_source(tmp_path, arch):
+def test_pretrained_backbone_from_the_model_source(tmp_path, arch, monkeypatch):
     import shutil
 
     from spinml_ray.models.source import resolve
-    from spinml_ray.training.classifier import HEADS, pretrained_weights
+    from spinml_ray.training import pretrained
+    from spinml_ray.training.classifier import HEADS
 
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
     torch.manual_seed(3)
     imagenet = build_model(arch, 1000)
     source = shutil.copytree(resolve("tiny"), tmp_path / "source")
-    assert pretrained_weights(str(source), arch) is None  # the tiny preset ships none: random init
+    assert pretrained.resolve("auto", str(source), arch) == (None, "none (offline)")  # tiny ships none
     (source / "classifiers").mkdir()
     torch.save(imagenet.state_dict(), source / "classifiers" / f"{arch}.pth")
-    path = pretrained_weights(str(source), arch)
+    path, said = pretrained.resolve("auto", str(source), arch)
+    assert said == f"model source classifiers/{arch}.pth"
     model = build_model(arch, 4, path)
     for name, value in model.state_dict().items():
         if name.startswith(HEADS[arch]):
             assert value.shape[0] == 4  # a fresh 4-way head
         else:
             assert torch.equal(value, imagenet.state_dict()[name])
+    assert pretrained.resolve("none", str(source), arch) == (None, "none")  # asked for: the source's file is not used
     torch.save({"unrelated.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not a torchvision"):
         build_model(arch, 4, str(tmp_path / "bad.pth"))
+
+
+class _NotATensor:
+    pass
+
+
+def test_pretrained_auto_uses_torchvisions_cache_and_says_why_it_trains_from_scratch(tmp_path, monkeypatch, caplog):
+    """`auto` without weights in the model source: torchvision's ImageNet file from torch's hub cache; offline
+    and without it, random weights with a warning and the reason for metrics.json. A URI loads tensors only."""
+    import torchvision
+
+    from spinml_ray.models.source import resolve
+    from spinml_ray.training import pretrained
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level(logging.WARNING, logger="spinml_ray.training.pretrained"):
+        assert pretrained.resolve("auto", resolve("tiny"), "resnet18") == (None, "none (offline)")
+    assert "random weights" in caplog.text and "offline" in caplog.text
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    cache = tmp_path / "torch-home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(5)
+    imagenet = build_model("resnet18", 1000)
+    torch.save(imagenet.state_dict(), cache / os.path.basename(weights.url))
+    path, said = pretrained.resolve("auto", resolve("tiny"), "resnet18")
+    assert said == f"torchvision resnet18 {weights.name}"
+    model = build_model("resnet18", 4, path)
+    assert torch.equal(model.state_dict()["conv1.weight"], imagenet.state_dict()["conv1.weight"])
+    assert pretrained.resolve(str(cache / "x.pth"), "tiny", "resnet18") == (str(cache / "x.pth"),) * 2
+    torch.save({"w": _NotATensor()}, tmp_path / "code.pth")  # a pickle that would build an object
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        build_model("resnet18", 4, str(tmp_path / "code.pth"))
 
 
 def test_training_cpus_share_the_cluster_among_concurrent_trainings():

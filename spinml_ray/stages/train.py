@@ -24,7 +24,8 @@ from spinml_ray.spec import RequestSpec
 from spinml_ray.stages import unwrapped
 from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key, training_failure
 from spinml_ray.training import classifier, detector
-from spinml_ray.training.classifier import images_to_uint8, pretrained_weights, split_train_val, state_dict_bytes
+from spinml_ray.training import pretrained as starting_weights
+from spinml_ray.training.classifier import images_to_uint8, split_train_val, state_dict_bytes
 from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, export
 
 MODEL_FILE = "model.pt"
@@ -80,7 +81,8 @@ def fit(config: dict) -> dict:
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config["threads"])
     x_train, y_train, x_val, y_val = _dataset(config)
-    pretrained = pretrained_weights(config["model"], config["architecture"], config["task"])
+    pretrained, pretrained_said = starting_weights.resolve(config["pretrained"], config["model"],
+                                                           config["architecture"], config["task"])
     model = ray.train.torch.prepare_model(_build(config, pretrained))
     if _detecting(config):
         data, collate, train_epoch = detector.DetectionData(x_train, y_train), detector.collate, detector.train_epoch
@@ -115,7 +117,8 @@ def fit(config: dict) -> dict:
             if rank == 0:
                 save_state(state, key, config["state_uri"], tmp, STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-    summary = {"best_epoch": best["epoch"], "best_val_score": best["score"], "resumed_from_epoch": first_epoch}
+    summary = {"best_epoch": best["epoch"], "best_val_score": best["score"], "resumed_from_epoch": first_epoch,
+               "pretrained": pretrained_said}
     if rank == 0:
         storage.write_bytes(config["best_uri"], best["weights"])
         storage.write_json(config["best_uri"] + ".json", summary)
@@ -150,6 +153,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         "synthetic": paths.synthetic,
         "model": model,
         "architecture": training.architecture,
+        "pretrained": training.pretrained,
         "num_classes": len(spec.labels),
         "image_size": training.image_size,
         "batch_size": training.batch_size,

@@ -2,7 +2,8 @@
 
 The level of each object decides the conditioning (see docs/DESIGN.md, "From levels to pipelines"):
 - L1 objects contribute their edge maps to one ControlNet (Canny) image;
-- an L2 target gives image guidance from its released pixels (img2img);
+- an L2 target gives image guidance from its released pixels (img2img), or with `l2_target:
+  personalized_text` none: the personalized model draws it from the prompt's identifier;
 - an L2 background alone is kept and the target's region is inpainted on it;
 - both at L2 give image guidance from the two released parts together.
 A fraction `alpha` of each label's images comes from the L0_L0 pool (text only). Only the sanitized
@@ -45,11 +46,13 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
 
 
-def conditioning(target: dict, background: dict, size: int) -> dict[str, bytes | None]:
-    """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows."""
+def conditioning(target: dict, background: dict, size: int, target_pixels: bool = True) -> dict[str, bytes | None]:
+    """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows. Without
+    `target_pixels` an L2 target's pixels guide nothing (the personalized model draws it from text)."""
     rows = {"target": target, "background": background}
     edges = [decode_png(r["payload"]) for r in rows.values() if r["level"] == Level.L1.value]
-    released = {name: r for name, r in rows.items() if r["level"] == Level.L2.value}
+    released = {name: r for name, r in rows.items()
+                if r["level"] == Level.L2.value and (name == "background" or target_pixels)}
     out: dict[str, bytes | None] = {"control_image": None, "init_image": None, "mask_image": None}
     if edges:
         combined = _resize_edges(np.maximum.reduce(edges), size)
@@ -70,13 +73,14 @@ def _bounding_box(mask: np.ndarray, size: int) -> list[float] | None:
     return None if box is None else [v * size / (width if i % 2 == 0 else height) for i, v in enumerate(box)]
 
 
-def geometry_box(target: dict, background: dict, size: int) -> list[float] | None:
+def geometry_box(target: dict, background: dict, size: int, target_pixels: bool = True) -> list[float] | None:
     """Where the conditioning put the target in a size x size image, or None where it did not fix it.
 
-    The target's released region (L2) or edge map (L1) places it; with only the background released
-    at L2, the target is what gets inpainted, in the hole. An L1 background alone leaves the target's
-    place open, and L0_L0 images have no geometry at all: those need the auto-labeller."""
-    if target["level"] == Level.L2.value:
+    The target's released region (L2, where its pixels guide: `target_pixels`) or edge map (L1) places
+    it; with only the background released at L2, the target is what gets inpainted, in the hole. An L1
+    background alone leaves the target's place open, and L0_L0 images have no geometry at all: those
+    need the auto-labeller."""
+    if target["level"] == Level.L2.value and target_pixels:
         return _bounding_box(decode_png(target["region"]) > 0, size)
     if target["level"] == Level.L1.value:
         return _bounding_box(decode_png(target["payload"]) > 0, size)
@@ -114,15 +118,16 @@ def plan_label(request_id: str, tenant: str, subject: str, label: LabelSpec, pri
             guidance=synth.guidance, strength=synth.strength, scheduler=synth.scheduler,
         )
         if index < n_l0:
-            prompt = build_prompt(subject, label.phrase, seed)
+            prompt = build_prompt(subject, label.phrase, seed, decorate=synth.prompt_decorations)
             items.append(WorkItem(pool=L0_L0, prompt=prompt, **common))
             continue
         ref = own[index % len(own)]
         if ref not in conditions:
-            conditions[ref] = conditioning(by_ref[ref]["target"], by_ref[ref]["background"], synth.resolution)
+            conditions[ref] = conditioning(by_ref[ref]["target"], by_ref[ref]["background"], synth.resolution,
+                                           target_pixels=synth.l2_target == "image_guided")
         personalised = adapter is not None and privacy.target == Level.L2
         prompt = build_prompt(subject, label.phrase, seed, token=token if personalised else None,
-                              describe_setting=privacy.background == Level.L0)
+                              describe_setting=privacy.background == Level.L0, decorate=synth.prompt_decorations)
         items.append(WorkItem(pool=config, prompt=prompt, source_ref=ref, adapter=adapter if personalised else None,
                               **conditions[ref], **common))
     return items

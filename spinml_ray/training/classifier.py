@@ -6,7 +6,6 @@ Plain PyTorch, no Ray: `stages/train.py` runs these inside Ray Train workers.
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ from PIL import Image
 
 from spinml_ray import storage
 from spinml_ray.images import decode_rgb
+from spinml_ray.training.pretrained import load_state_dict
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -27,8 +27,8 @@ HEADS = {"mobilenet_v2": "classifier.1.", "resnet18": "fc."}
 def build_model(architecture: str, num_classes: int, pretrained: str | None = None) -> torch.nn.Module:
     """A torchvision classifier with a fresh `num_classes`-way head.
 
-    `pretrained`: a torchvision state dict file (e.g. ImageNet weights) whose backbone is loaded; its
-    classification head is dropped. Without it the whole model starts from random weights."""
+    `pretrained`: a torchvision state dict (local path or URI, e.g. ImageNet weights) whose backbone is
+    loaded; its classification head is dropped. Without it the whole model starts from random weights."""
     if architecture == "mobilenet_v2":
         model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
     elif architecture == "resnet18":
@@ -36,7 +36,7 @@ def build_model(architecture: str, num_classes: int, pretrained: str | None = No
     else:
         raise ValueError(f"architecture {architecture!r} is not supported (mobilenet_v2, resnet18)")
     if pretrained:
-        state = torch.load(pretrained, map_location="cpu")
+        state = load_state_dict(pretrained)
         backbone = {k: v for k, v in state.items() if not k.startswith(HEADS[architecture])}
         missing, unexpected = model.load_state_dict(backbone, strict=False)
         if unexpected or any(not k.startswith(HEADS[architecture]) for k in missing):
@@ -49,16 +49,6 @@ def channels_last(model: torch.nn.Module) -> torch.nn.Module:
     for MobileNetV2 and SSDlite training here, 1.2x for ResNet-18) and cuDNN's tensor cores prefer it.
     Weights, outputs, state dicts and exports are the same; only the memory layout changes."""
     return model.to(memory_format=torch.channels_last)
-
-
-def pretrained_weights(model_source: str, architecture: str, task: str = "classification") -> str | None:
-    """`{model source}/classifiers/{architecture}.pth` (`detectors/` for detection) when the source
-    ships it, else None."""
-    from spinml_ray.models.source import resolve_part
-
-    folder = resolve_part(model_source, "detectors" if task == "detection" else "classifiers")
-    path = os.path.join(folder, f"{architecture}.pth") if folder else None
-    return path if path and os.path.exists(path) else None
 
 
 def images_to_uint8(images: list[bytes], size: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from PIL import Image
 from spinml_ray import storage
 from spinml_ray.images import decode_rgb
 from spinml_ray.training.classifier import channels_last, labelled_files
+from spinml_ray.training.pretrained import load_state_dict
 
 BOXES_FILE = "boxes.json"
 
@@ -25,7 +26,7 @@ BOXES_FILE = "boxes.json"
 def build_detector(architecture: str, num_labels: int, pretrained: str | None = None) -> torch.nn.Module:
     """A torchvision detector for `num_labels` classes (plus background).
 
-    `pretrained`: a state dict file of the same architecture (e.g. COCO weights); every tensor whose
+    `pretrained`: a state dict (local path or URI) of the same architecture (e.g. COCO weights); every tensor whose
     shape fits is loaded, so a checkpoint with another number of classes gives its backbone and the
     box regressors, and the class-specific layers start fresh."""
     if architecture not in ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"):
@@ -34,7 +35,7 @@ def build_detector(architecture: str, num_labels: int, pretrained: str | None = 
     model = build(weights=None, weights_backbone=None, num_classes=num_labels + 1)
     if pretrained:
         own = model.state_dict()
-        state = torch.load(pretrained, map_location="cpu")
+        state = load_state_dict(pretrained)
         fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if len(fitting) < len(own) // 2:
             raise ValueError(f"{pretrained}: not a torchvision {architecture} state dict")
