@@ -168,7 +168,6 @@ class TrainingSpec(_Strict):
 
 RECIPES = tuple(sorted(f.name.removesuffix(".yaml") for f in resources.files("spinml_ray.recipes").iterdir()
                       if f.name.endswith(".yaml")))
-RECIPE_SECTIONS = ("sanitization", "synthesis", "personalization", "training")
 
 
 def recipe_settings(name: str) -> dict:
