@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from spinml_ray import storage
+from spinml_ray.cluster import failure_reason
 from spinml_ray.pipeline import STAGES, request_paths, run_request
 from spinml_ray.spec import SpecError, load_request
 
@@ -59,6 +60,20 @@ def _skipped(spec, paths: storage.RequestPaths, stage: str) -> str | None:
     return "done (already complete)" if storage.read_manifest(directory) is not None else None
 
 
+def retried(result: dict) -> str | None:
+    """What a completed stage had to do again (from its summary), for the status table; None if nothing."""
+    notes = []
+    if result.get("resent"):
+        notes.append(f"{result['resent']} image send(s) repeated after a lost replica")
+    if result.get("requeued_after_node_loss"):
+        notes.append(f"moved to another fleet slot {result['requeued_after_node_loss']} time(s) after a lost node")
+    if result.get("resumed_from_epoch"):
+        notes.append(f"resumed from its stored state at epoch {result['resumed_from_epoch']}")
+    if result.get("resumed_from"):
+        notes.append(f"resumed from its stored state at step {result['resumed_from']}")
+    return "; ".join(notes) or None
+
+
 def training_cpus(cluster_cpus: float, concurrent: int, reserved: float = 0) -> int:
     """CPUs (and threads) for each training worker when `concurrent` trainings share the cluster's
     CPUs, less `reserved` ones (the synthesis replica's): a lone training gets the whole machine."""
@@ -85,10 +100,12 @@ def training_fleet(cluster_cpus: float, concurrent: int, storage_root: str):
 
 
 class BatchRun:
-    def __init__(self, storage_root: str, model: str, http_port: int, fleet=None, total: int = 0):
+    def __init__(self, storage_root: str, model: str, http_port: int, fleet=None, total: int = 0, progress=None):
         self.root, self.model, self.http_port, self.fleet, self.total = storage_root, model, http_port, fleet, total
+        self.progress = progress
         self.lock = threading.Lock()
         self.rows: dict[str, dict] = {}
+        self.paths: dict[str, storage.RequestPaths] = {}
 
     def _update(self, uri: str, paths: storage.RequestPaths | None, **changes) -> None:
         with self.lock:
@@ -107,12 +124,31 @@ class BatchRun:
             storage.write_json(storage.join(paths.base, "status.json"), snapshot)
 
     def run_one(self, uri: str) -> None:
+        """Run the request's remaining stages; whatever goes wrong fails this request alone."""
+        try:
+            self._run_stages(uri)
+        except Exception as exc:  # outside a stage's own work (storing its status, say): still recorded
+            reason = failure_reason(exc)
+            log.warning("request %s failed: %s", uri, reason)
+            with contextlib.suppress(Exception):
+                paths, row = self.paths.get(uri), self.rows.get(uri, {})
+                for stage, info in row.get("stages", {}).items():
+                    if info.get("state") == "running":
+                        self._update(uri, paths, stage=stage, state="failed", error=reason)
+                self._update(uri, paths, state="failed", error=reason)
+
+    def summary(self, requests: list[str]) -> list[dict]:
+        """A row per request, in the manifest's order (`not run` for any the job never reached)."""
+        with self.lock:
+            return [dict(self.rows.get(uri) or {"request": uri, "state": "not run", "stages": {}}) for uri in requests]
+
+    def _run_stages(self, uri: str) -> None:
         try:
             spec = load_request(uri)
         except Exception as exc:  # bad input: recorded, the others go on
             self._update(uri, None, state="failed", error=str(exc))
             return
-        paths = request_paths(spec, self.root)
+        paths = self.paths[uri] = request_paths(spec, self.root)
         self._update(uri, paths, request_id=spec.request_id, tenant=spec.tenant, state="running", error=None)
         for stage in STAGES:
             if skipped := _skipped(spec, paths, stage):
@@ -129,23 +165,26 @@ class BatchRun:
                 if warm:  # a slot starts for this request's training while it is synthesized
                     self.fleet.expect(job)
                 with room:
-                    run_request(uri, self.root, model=self.model, stages=(stage,), keep_serving=True,
-                                http_port=self.http_port, fleet=self.fleet)
+                    result = run_request(uri, self.root, model=self.model, stages=(stage,), keep_serving=True,
+                                         http_port=self.http_port, fleet=self.fleet, progress=self.progress)
             except Exception as exc:
+                reason = failure_reason(exc)
                 self._update(uri, paths, stage=stage, state="failed", seconds=round(time.time() - started, 2),
-                             error=str(exc))
-                self._update(uri, paths, state="failed", error=f"{stage}: {exc}")
+                             error=reason)
+                self._update(uri, paths, state="failed", error=f"{stage}: {reason}")
                 return
             finally:
                 if warm:
                     self.fleet.forget(job)
-            self._update(uri, paths, stage=stage, state="done", seconds=round(time.time() - started, 2))
+            again = retried(result.get(stage, {}))
+            self._update(uri, paths, stage=stage, state="done", seconds=round(time.time() - started, 2),
+                         **({"retried": again} if again else {}))
         self._update(uri, paths, state="done")
 
 
 def run_batch(requests: list[str], storage_root: str, model: str = "tiny", max_concurrent: int | None = None,
-              name: str = "batch", http_port: int = 8000) -> list[dict]:
-    """Run every request; returns (and stores) the summary rows."""
+              name: str = "batch", http_port: int = 8000, progress=None) -> list[dict]:
+    """Run every request; returns (and stores) the summary rows. `progress`: a `progress.Progress`."""
     import ray
 
     from spinml_ray.synthesis.service import ensure_running
@@ -155,14 +194,17 @@ def run_batch(requests: list[str], storage_root: str, model: str = "tiny", max_c
     if max_concurrent is None:  # default: about one request per two CPUs of the cluster
         max_concurrent = max(1, int(cpus) // 2)
     batch = BatchRun(storage_root, model, http_port, training_fleet(cpus, min(max_concurrent, len(requests)), storage_root),
-                     total=len(requests))
+                     total=len(requests), progress=progress)
     try:
         with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="request") as pool:
             list(pool.map(batch.run_one, requests))
-    finally:
-        batch.fleet.close()
-    summary = [batch.rows[uri] for uri in requests]
-    storage.write_json(storage.join(storage_root, "_batches", f"{name}.json"), summary)
+    finally:  # the summary is written whatever happened, with every request's true state
+        try:
+            batch.fleet.close()
+        except Exception as exc:
+            log.warning("the training fleet did not close cleanly: %s", failure_reason(exc))
+        summary = batch.summary(requests)
+        storage.write_json(storage.join(storage_root, "_batches", f"{name}.json"), summary)
     return summary
 
 
@@ -172,7 +214,8 @@ def format_summary(summary: list[dict]) -> str:
         cells = []
         for stage in STAGES:
             info = row["stages"].get(stage, {})
-            cells.append(f"{info.get('state', '-')}" + (f" {info['seconds']}s" if "seconds" in info else ""))
+            cells.append(f"{info.get('state', '-')}" + (f" {info['seconds']}s" if "seconds" in info else "")
+                         + (" (retried)" if info.get("retried") else ""))
         error = (row.get("error") or "").replace("|", "/")[:120]
         lines.append(f"| {row.get('request_id', row['request'])} | {row.get('state')} | " + " | ".join(cells) + f" | {error} |")
     return "\n".join(lines)

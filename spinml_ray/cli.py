@@ -7,6 +7,7 @@ side: they write exactly what would leave (a bundle and its preview), and nothin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -182,7 +183,7 @@ def _serve(args) -> int:
     return 0
 
 
-def _batch(args) -> int:
+def _batch(args, progress) -> int:
     from spinml_ray.batch import format_summary, list_requests, run_batch
     from spinml_ray.cluster import connect
 
@@ -193,7 +194,8 @@ def _batch(args) -> int:
         return 2
     connect(args.address, num_cpus=args.num_cpus)
     summary = run_batch(requests, args.storage, model=args.model, max_concurrent=args.max_concurrent,
-                        name=args.name, http_port=args.http_port)
+                        name=args.name, http_port=args.http_port, progress=progress)
+    progress.close()
     print(format_summary(summary))
     failed = sum(row.get("state") != "done" for row in summary)
     print(f"{len(summary) - failed} of {len(summary)} requests done; summary: "
@@ -209,7 +211,27 @@ def main(argv: list[str] | None = None) -> int:
         return spinbench_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with _progress(args) as progress:
+        return _command(args, parser, progress)
+
+
+@contextlib.contextmanager
+def _progress(args):
+    """Live progress on a terminal for commands that run stages; log lines elsewhere (and for the rest)."""
+    from spinml_ray.progress import Progress
+
+    shows_stages = args.command in ("run", "batch", "personalize", "synthesize", "train") or (
+        args.command == "sanitize" and not (args.local or args.preview))
+    progress = Progress(live=None if shows_stages else False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[progress.log_handler()])
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
+def _command(args, parser, progress) -> int:
     if args.command == "example":
         from spinml_ray.examples import write_example
 
@@ -220,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "batch":
-        return _batch(args)
+        return _batch(args, progress)
     try:
         if args.command == "sanitize" and (args.local or args.preview):
             print(json.dumps(_sanitize_here(args, parser), indent=2))
@@ -242,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             stages=STAGES if args.command == "run" else (args.command,),
             keep_serving=getattr(args, "keep_serving", False),
             http_port=getattr(args, "http_port", 8000),
+            progress=progress,
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
@@ -251,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ImageError, BadReference, StageError, FileNotFoundError, ValueError) as exc:
         print(f"spinml: error: {exc}", file=sys.stderr)
         return 2
+    progress.close()  # the results below the last bars, not among them
     print(json.dumps(summary, indent=2, default=str))
     print(f"results: {summary['output']}")
     return 0

@@ -53,3 +53,34 @@ def synthesis_gpu_share(gpus: float) -> float:
     if gpus <= 0:
         return 0.0
     return 1.0 if gpus >= 2 else 0.5
+
+
+def on_this_node():
+    """A scheduling strategy that pins an actor to the caller's node: for the driver's helpers (the
+    fleet's job board, the progress relay), which hold no resources and would otherwise land on any
+    node, and fail the whole job with it; on the driver's node they share only the driver's fate."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def lost_process(exc: BaseException) -> str | None:
+    """The name of the Ray error in `exc`'s chain that says a node, worker or actor was lost (Ray
+    wraps them: a stage raises its own error from Ray Train's, which holds the worker's), else None."""
+    from ray.exceptions import NodeDiedError, ObjectLostError, OwnerDiedError, RayActorError, WorkerCrashedError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (NodeDiedError, RayActorError, WorkerCrashedError, OwnerDiedError, ObjectLostError)):
+            return type(exc).__name__
+        cause = getattr(exc, "cause", None)  # a RayTaskError holds the task's own exception here
+        exc = exc.__cause__ or exc.__context__ or (cause if isinstance(cause, BaseException) else None)
+    return None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A request's error as its status records it; says so when a lost node or process caused it."""
+    lost = lost_process(exc)
+    return f"{exc} (a Ray node or worker process was lost: {lost}; a re-run resumes)" if lost else str(exc)

@@ -18,6 +18,14 @@ slots stay while a job is expected, so the start-up overlaps synthesis instead o
 could wait for the CPUs an idle slot holds.) A request's personalization, which runs before its
 synthesis and asks for the same kind of resources, runs `making_room`: idle slots leave for it, so
 it does not wait for every other request's synthesis to end.
+
+Node loss: the board lives on the driver's node (the head, under `ray job submit`), pinned there. It
+holds no resources, so Ray would otherwise place it on any node, and losing that node would fail every
+request of the job. Pinned, it shares the driver's fate, and a re-run of the job finishes the rest.
+A slot whose worker's node is lost is restarted elsewhere by Ray Train and takes its job back; if its
+run ends instead (Ray Train gave up, or its controller went with the node), the job goes back to the
+queue for another slot, twice at most, and resumes from its stored state. A slot whose board is gone
+stops, and a request waiting on a lost board fails with a reason that says so.
 """
 
 from __future__ import annotations
@@ -28,8 +36,13 @@ import threading
 import time
 
 import ray
+from ray.exceptions import RayActorError
 
-from spinml_ray import storage
+from spinml_ray import metrics, storage
+from spinml_ray.cluster import lost_process, on_this_node
+
+RETRIES_AFTER_LOSS = 2
+BOARD_LOST = "the training fleet's job board was lost with its node ({}); a re-run of the job resumes this request"
 
 
 @ray.remote(num_cpus=0)
@@ -46,12 +59,21 @@ class JobBoard:
         self.making_room = 0  # Ray work outside the fleet waiting for resources: idle slots leave for it
         self.started: set[int] = set()  # slots whose loop has asked for work at least once
         self.kept_idle = 0  # idle periods after which a slot stayed because a job was expected
+        self.retried: dict[str, int] = {}  # jobs put back after their slot's node was lost
+        self.idle_slots = 0  # slots waiting in `take`
         self.changed = asyncio.Condition()
+
+    def _gauges(self) -> None:
+        """The fleet's state for the platform's dashboards (`metrics.py`)."""
+        metrics.record("spinml_fleet_slots", len(self.running), state="busy")
+        metrics.record("spinml_fleet_slots", self.idle_slots, state="idle")
+        metrics.record("spinml_fleet_jobs_waiting", len(self.pending))
 
     async def put(self, job_id: str, config: dict) -> None:
         async with self.changed:
             self.outcomes.pop(job_id, None)
             self.pending.append((job_id, config))
+            self._gauges()
             self.changed.notify_all()
 
     async def expect(self, job_id: str) -> bool:
@@ -78,38 +100,56 @@ class JobBoard:
         async with self.changed:
             self.started.add(slot)
             if slot not in self.running:
-                idle_since = clock()
-                while not (self.pending or self.closed):
-                    if self.making_room:
+                self.idle_slots += 1
+                self._gauges()
+                try:
+                    idle_since = clock()
+                    while not (self.pending or self.closed):
+                        if self.making_room:
+                            return None
+                        idle_since = clock() if self.expected else max(idle_since, self.forgotten_at)
+                        remaining = idle_since + idle_s - clock()
+                        if remaining <= 0:
+                            return None
+                        try:
+                            await asyncio.wait_for(self.changed.wait(), remaining)
+                        except asyncio.TimeoutError:
+                            self.kept_idle += bool(self.expected)
+                    if not self.pending:
                         return None
-                    idle_since = clock() if self.expected else max(idle_since, self.forgotten_at)
-                    remaining = idle_since + idle_s - clock()
-                    if remaining <= 0:
-                        return None
-                    try:
-                        await asyncio.wait_for(self.changed.wait(), remaining)
-                    except asyncio.TimeoutError:
-                        self.kept_idle += bool(self.expected)
-                if not self.pending:
-                    return None
-                self.running[slot] = self.pending.pop(0)
+                    self.running[slot] = self.pending.pop(0)
+                finally:
+                    self.idle_slots -= 1
+                    self._gauges()
             return self.running[slot]
 
     async def finish(self, slot: int, error: str | None) -> None:
         async with self.changed:
             job_id, _ = self.running.pop(slot)
             self.outcomes[job_id] = error
+            self._gauges()
             self.changed.notify_all()
 
-    async def fail_slot(self, slot: int, error: str) -> None:
-        if slot in self.running:
-            await self.finish(slot, error)
+    async def fail_slot(self, slot: int, error: str, retry: bool = False) -> None:
+        """The slot's run ended with its job unfinished: the job fails, or with `retry` (its worker's
+        node was lost) goes back to the front of the queue, at most `RETRIES_AFTER_LOSS` times."""
+        if slot not in self.running:
+            return
+        job_id, config = self.running[slot]
+        if retry and self.retried.get(job_id, 0) < RETRIES_AFTER_LOSS:
+            async with self.changed:
+                self.retried[job_id] = self.retried.get(job_id, 0) + 1
+                del self.running[slot]
+                self.pending.insert(0, (job_id, config))
+                self.changed.notify_all()
+            return
+        await self.finish(slot, error)
 
-    async def outcome(self, job_id: str) -> str | None:
-        """Wait for a job: None when it trained, else its error."""
+    async def outcome(self, job_id: str) -> tuple[str | None, int]:
+        """Wait for a job: (None when it trained, else its error; how often it was put back after a loss)."""
         async with self.changed:
             await self.changed.wait_for(lambda: job_id in self.outcomes)
-            return self.outcomes.pop(job_id)
+            return self.outcomes.pop(job_id), self.retried.pop(job_id, 0)
 
     def pending_count(self) -> int:
         return len(self.pending)
@@ -136,7 +176,13 @@ def slot_loop(config: dict) -> None:
     from spinml_ray.stages.train import fit
 
     board, slot = config["board"], config["slot"]
-    while (job := ray.get(board.take.remote(slot, config["idle_s"]))) is not None:
+    while True:
+        try:
+            job = ray.get(board.take.remote(slot, config["idle_s"]))
+        except RayActorError:  # the board is gone (with the driver's node): nothing more comes
+            return
+        if job is None:
+            return
         _, job_config = job
         try:
             fit({**job_config, "threads": config["threads"]})
@@ -146,7 +192,10 @@ def slot_loop(config: dict) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        ray.get(board.finish.remote(slot, error))
+        try:
+            ray.get(board.finish.remote(slot, error))
+        except RayActorError:
+            return
 
 
 class TrainingFleet:
@@ -156,7 +205,7 @@ class TrainingFleet:
                  runs_uri: str = "spinml-data/_fleet", idle_s: float = 10.0, max_failures: int = 3):
         self.max_slots, self.cpus, self.use_gpu, self.gpu_fraction = slots, cpus_per_slot, use_gpu, gpu_fraction
         self.runs_uri, self.idle_s, self.max_failures = runs_uri, idle_s, max_failures
-        self.board = JobBoard.remote()
+        self.board = JobBoard.options(scheduling_strategy=on_this_node()).remote()
         self.lock = threading.Lock()
         self.live: dict[int, threading.Thread] = {}
         self.starts = 0  # slot runs started (a restarted worker stays within its run)
@@ -165,19 +214,24 @@ class TrainingFleet:
         """Whether a training of this shape runs in a slot (else it gets a `TorchTrainer` of its own)."""
         return num_workers == 1 and (not self.use_gpu or gpu_fraction == self.gpu_fraction)
 
-    def train(self, job_id: str, config: dict) -> None:
-        """Train one job (a `stages.train` config) in a slot; raises RuntimeError with its error."""
-        with self.lock:
-            ray.get(self.board.put.remote(job_id, config))
-            self._start_slot_if_room()
-        error = ray.get(self.board.outcome.remote(job_id))
+    def train(self, job_id: str, config: dict) -> int:
+        """Train one job (a `stages.train` config) in a slot; raises RuntimeError with its error. Returns
+        how many times the job moved to another slot because its slot's node was lost."""
+        try:
+            with self.lock:
+                ray.get(self.board.put.remote(job_id, config))
+                self._start_slot_if_room()
+            error, moved = ray.get(self.board.outcome.remote(job_id))
+        except RayActorError as exc:
+            raise RuntimeError(BOARD_LOST.format(type(exc).__name__)) from None
         if error is not None:
             raise RuntimeError(error)
+        return moved
 
     def expect(self, job_id: str) -> None:
         """A job will come once its request is synthesized: start a slot now if one may still start,
         and keep idle slots until `forget` (so the slot's start-up overlaps the synthesis)."""
-        with self.lock:
+        with self.lock, contextlib.suppress(RayActorError):  # a lost board: `train` says so
             if ray.get(self.board.expect.remote(job_id)):  # else a slot started now would leave at once
                 self._start_slot_if_room()
 
@@ -186,15 +240,18 @@ class TrainingFleet:
         """For Ray work outside the fleet that needs the resources slots hold (a request's
         personalization): meanwhile idle slots leave, even for expected jobs, and `expect` starts
         none; a job put meanwhile still gets a slot, which leaves once the job is done."""
-        ray.get(self.board.make_room.remote(1))
+        with contextlib.suppress(RayActorError):
+            ray.get(self.board.make_room.remote(1))
         try:
             yield
         finally:
-            ray.get(self.board.make_room.remote(-1))
+            with contextlib.suppress(RayActorError):
+                ray.get(self.board.make_room.remote(-1))
 
     def forget(self, job_id: str) -> None:
         """The job's synthesis ended (done or failed): idle slots leave `idle_s` after this."""
-        ray.get(self.board.forget.remote(job_id))
+        with contextlib.suppress(RayActorError):
+            ray.get(self.board.forget.remote(job_id))
 
     def start(self, timeout_s: float = 300) -> None:
         """Start every slot now and wait until all are ready for work (they still leave after idle_s)."""
@@ -236,19 +293,27 @@ class TrainingFleet:
                                      storage_filesystem=fs, failure_config=FailureConfig(max_failures=self.max_failures)),
             )
             try:
-                trainer.fit()
-            except Exception as exc:  # the slot gave up (its worker kept dying): its job fails, not the others
-                ray.get(self.board.fail_slot.remote(slot, f"training worker failed: {exc}"))
-            finally:  # the slot's run holds nothing once it ends (each job keeps its state with its request)
-                storage.delete_dir(storage.join(self.runs_uri, name))
-            with self.lock:  # leave only when no job waits (a job put meanwhile would find no slot)
-                if ray.get(self.board.pending_count.remote()) == 0:
+                try:
+                    trainer.fit()
+                except Exception as exc:  # the slot gave up (its worker kept dying): its job fails, not the others
+                    lost = lost_process(exc)  # ... unless a node was lost: then it goes to a new slot
+                    reason = f"a node or worker process was lost ({lost})" if lost else str(exc)
+                    ray.get(self.board.fail_slot.remote(slot, f"training worker failed: {reason}", retry=bool(lost)))
+                finally:  # the slot's run holds nothing once it ends (each job keeps its state with its request)
+                    storage.delete_dir(storage.join(self.runs_uri, name))
+                with self.lock:  # leave only when no job waits (a job put meanwhile would find no slot)
+                    if ray.get(self.board.pending_count.remote()) == 0:
+                        del self.live[slot]
+                        return
+            except RayActorError:  # the board is gone: its jobs' requests fail on their own (`train`)
+                with self.lock:
                     del self.live[slot]
-                    return
+                return
 
     def close(self) -> None:
         """Let the slots leave once their jobs are done, and wait for them (before Ray shuts down)."""
-        ray.get(self.board.close.remote())
+        with contextlib.suppress(RayActorError):  # a lost board: its slots are leaving on their own
+            ray.get(self.board.close.remote())
         with self.lock:
             threads = list(self.live.values())
         for thread in threads:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from spinml_ray import storage
+from spinml_ray import metrics, storage
 from spinml_ray.spec import RequestSpec, load_request
 
 STAGES = ("sanitize", "personalize", "synthesize", "train")
@@ -25,10 +25,12 @@ def run_request(
     keep_serving: bool = False,
     http_port: int = 8000,
     fleet=None,
+    progress=None,
 ) -> dict:
     """Run `stages` of one request on the connected Ray cluster; returns a summary per stage.
 
-    `fleet`: a batch job's `fleet.TrainingFleet`, whose slots train the model (else its own trainer)."""
+    `fleet`: a batch job's `fleet.TrainingFleet`, whose slots train the model (else its own trainer).
+    `progress`: a `progress.Progress` that shows each stage's state and counts."""
     from ray import serve
 
     from spinml_ray.stages.personalize import run_personalize
@@ -41,21 +43,38 @@ def run_request(
     paths = request_paths(spec, storage_root)
     storage.write_json(paths.request, spec.model_dump(mode="json"))
     summary: dict = {"request_id": spec.request_id, "tenant": spec.tenant, "output": paths.base}
-    if "sanitize" in stages:
+    label = f"{spec.tenant}/{spec.request_id}"
+
+    def run(stage: str, work) -> None:
+        """Run one stage (if asked for): `work(counter)` gets the stage's `(done, total)` callable."""
+        if stage not in stages:
+            return
+        in_workers = stage in ("personalize", "train")  # their counts come from Ray Train workers
+        counter = None if progress is None else (progress.reporter if in_workers else progress.counter)(label, stage)
+        if progress is not None:
+            progress.stage(label, stage, "running")
+        metrics.record("spinml_requests", tenant=spec.tenant, stage=stage, state="running")
         started = time.time()
-        summary["sanitize"] = {**run_sanitize(spec, paths, model=model, sam=sam), "seconds": round(time.time() - started, 2)}
+        try:
+            summary[stage] = {**work(counter), "seconds": round(time.time() - started, 2)}
+        except BaseException:
+            if progress is not None:
+                progress.stage(label, stage, "failed")
+            metrics.record("spinml_requests", tenant=spec.tenant, stage=stage, state="failed")
+            raise
+        if progress is not None:
+            progress.stage(label, stage, "done")
+        metrics.record("spinml_requests", tenant=spec.tenant, stage=stage, state="done")
+        metrics.record("spinml_stage_seconds", time.time() - started, tenant=spec.tenant, stage=stage)
+
+    run("sanitize", lambda counter: run_sanitize(spec, paths, model=model, sam=sam, progress=counter))
     if "personalize" in stages or "synthesize" in stages:
         handle, deployed = ensure_running(model, controlnet, http_port=http_port, storage_root=storage_root)
         try:
-            for name, stage in (("personalize", lambda: run_personalize(spec, paths, model, handle)),
-                                ("synthesize", lambda: run_synthesize(spec, paths, handle))):
-                if name in stages:
-                    started = time.time()
-                    summary[name] = {**stage(), "seconds": round(time.time() - started, 2)}
+            run("personalize", lambda counter: run_personalize(spec, paths, model, handle, progress=counter))
+            run("synthesize", lambda counter: run_synthesize(spec, paths, handle, progress=counter))
         finally:
             if deployed and not keep_serving:
                 serve.delete(APP_NAME)
-    if "train" in stages:
-        started = time.time()
-        summary["train"] = {**run_train(spec, paths, model=model, fleet=fleet), "seconds": round(time.time() - started, 2)}
+    run("train", lambda counter: run_train(spec, paths, model=model, fleet=fleet, progress=counter))
     return summary

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import secrets
 import shutil
 
 import pyarrow as pa
@@ -158,10 +159,51 @@ def test_a_failing_generation_is_a_500_without_trace(url, planted):
     assert _post(url, _body(request_id="after-failure")).status_code == 200
 
 
-def test_tokens_appear_in_no_log_and_no_job_table(ray_cluster, url, planted):
+def _streamed(url: str, body: dict, **params) -> tuple[requests.Response, list[dict]]:
+    with requests.post(f"{url}/v1/generate", params={"stream": "true", **params}, json=body, headers=AUTH,
+                       stream=True, timeout=120) as response:
+        lines = [json.loads(line) for line in response.iter_lines() if line] if response.ok else []
+        return response, lines
+
+
+def test_a_streamed_call_sends_a_line_per_stored_image_then_the_counts(url, planted):
+    body = _body(request_id="streamed", synthesis={"images_per_label": 3, "resolution": 32, "steps": 1, "seed": 0})
+    response, lines = _streamed(url, body)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/x-ndjson")
+    *images, last = lines
+    assert last == {"done": True, "images": 3, "failed": 0}
+    plain = _post(url, {**body, "request_id": "not-streamed"}).json()["images"]  # the same images, one answer
+    assert sorted(i["image_id"] for i in images) == sorted(i["image_id"] for i in plain)
+    for image in images:
+        assert set(image) == {"image_id", "uri", "seed", "prompt", "pool"}
+        assert os.path.realpath(image["uri"]).startswith(os.path.realpath(os.path.join(planted, "demo", "streamed")))
+        assert storage.exists(image["uri"])
+    # The checks before any image still answer with their status and a problem body, not a stream.
+    assert _streamed(url, {**body, "tenant": "other"})[0].status_code == 403
+    too_many = {**body, "synthesis": {**body["synthesis"], "images_per_label": 100_000}}
+    assert _streamed(url, too_many)[0].status_code in (413, 422)
+
+
+def test_a_streamed_image_that_fails_is_a_line_without_trace(url, planted):
+    body = _body(adapter="broken/adapters", bundle="broken/sanitized", token="sks", request_id="broken-streamed",
+                 privacy={"target": "L2", "background": "L0", "alpha": 0.0})
+    _commit_bundle(os.path.join(planted, "demo", "broken", "sanitized"))
+    response, lines = _streamed(url, body)
+    assert response.status_code == 200
+    *images, last = lines
+    assert last == {"done": True, "images": 0, "failed": 1}
+    assert [set(line) for line in images] == [{"image_id", "error"}]
+    text = json.dumps(lines)
+    assert not any(leak in text for leak in LEAKS) and planted not in text
+
+
+def test_tokens_prompts_and_images_appear_in_no_log_and_no_job_table(ray_cluster, url, planted):
+    """Ray's session folder (every process's log) holds no token, no tenant's prompt words and no image."""
     from ray.util.state import list_jobs
 
-    ok = _post(url, _body(tenant="canary"), headers={"Authorization": f"Bearer {CANARY_TOKEN}"})
+    subject = "canary" + secrets.token_hex(8)  # a word only this tenant's prompt carries
+    ok = _post(url, _body(tenant="canary", subject=subject, label={"name": "a", "phrase": "in a canary room"}),
+               headers={"Authorization": f"Bearer {CANARY_TOKEN}"})
     assert ok.status_code == 200, ok.text
     assert _post(url, _body(), headers={"Authorization": f"Bearer {CANARY_TOKEN}x"}).status_code == 401
     assert CANARY_TOKEN not in json.dumps([job.__dict__ for job in list_jobs()], default=str)
@@ -172,8 +214,11 @@ def test_tokens_appear_in_no_log_and_no_job_table(ray_cluster, url, planted):
         if os.path.isfile(path) and not path.endswith((".sock", ".lock")):
             try:
                 with open(path, "rb") as handle:
-                    if CANARY_TOKEN.encode() in handle.read():
-                        found.append(path)
+                    text = handle.read()
             except OSError:
                 continue
+            found += [(path, what) for what, needle in (("token", CANARY_TOKEN.encode()), ("prompt", subject.encode()))
+                      if needle in text]
+            if path.endswith((".log", ".out", ".err")) and b"\x89PNG\r\n\x1a\n" in text:
+                found.append((path, "image bytes"))
     assert not found, found

@@ -69,3 +69,51 @@ def test_a_manifest_of_mixed_requests_and_its_rerun(tmp_path, synthesis, http_po
     assert {p: os.path.getmtime(p) for p in committed} == committed  # nothing generated or trained twice
     table = format_summary(again)
     assert "good-l1" in table and "failed" in table
+
+
+def test_a_lost_job_board_fails_only_training_and_the_driver_still_writes_true_statuses(
+        tmp_path, synthesis, http_port, monkeypatch):
+    """The fleet's job board dies mid-job (as with the node holding it): the requests' other stages
+    finish, training fails with a reason that says what was lost, the driver writes its summary and
+    every status.json as it is, the slots leave, and a re-run trains what is missing."""
+    import threading
+    import time
+
+    import ray
+
+    import spinml_ray.batch as batch_module
+    from spinml_ray.batch import run_batch
+
+    fleets = []
+    make_fleet = batch_module.training_fleet
+    monkeypatch.setattr(batch_module, "training_fleet", lambda *a, **k: fleets.append(make_fleet(*a, **k)) or fleets[-1])
+    example = str(tmp_path / "requests")
+    write_example(example)
+    base = yaml.safe_load(open(os.path.join(example, "request.yaml")))
+    fast = {"synthesis": {**base["synthesis"], "images_per_label": 2}, "training": {**base["training"], "epochs": 1}}
+    requests = [_variant(example, name, **fast) for name in ("first", "second")]
+    root = str(tmp_path / "out")
+    outcome: dict = {}
+    batch = threading.Thread(target=lambda: outcome.update(
+        summary=run_batch(requests, root, max_concurrent=2, name="lost", http_port=http_port)))
+    batch.start()
+    deadline = time.time() + 300
+    while not fleets or ray.get(fleets[0].board.started_count.remote()) < 1:  # a slot asks the board for work
+        assert time.time() < deadline and batch.is_alive(), "no training slot started"
+        time.sleep(0.2)
+    ray.kill(fleets[0].board)
+    batch.join(timeout=600)
+    assert not batch.is_alive(), "the driver did not finish after losing the job board"
+    summary = outcome["summary"]
+    assert storage.read_json(os.path.join(root, "_batches", "lost.json")) == summary
+    for row in summary:
+        assert row["state"] == "failed" and "job board was lost" in row["error"], row
+        assert row["stages"]["synthesize"]["state"] == "done" and row["stages"]["train"]["state"] == "failed"
+        assert storage.read_json(os.path.join(root, "demo", row["request_id"], "status.json")) == row
+    assert not fleets[0].live  # its slots left instead of waiting on a board that is gone
+
+    again = run_batch(requests, root, max_concurrent=2, name="again", http_port=http_port)
+    for row in again:
+        assert row["state"] == "done", row
+        assert row["stages"]["synthesize"]["state"] == "done (already complete)"
+        assert row["stages"]["train"]["state"] == "done"

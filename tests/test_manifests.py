@@ -11,7 +11,12 @@ manifest fails here with the offending field named rather than on a cluster.
   typed as in KubeRay's Go types; unknown fields are errors) with looser pod templates (containers with name
   and image, known resource names, valid quantities, requests within limits, env entries with one source);
   rayVersion is the installed Ray; worker groups have unique names and minReplicas <= replicas <= maxReplicas;
-  all containers run one image; the RayJob's entrypoint runs a script that is in the repository.
+  all containers run one image; the RayJob's entrypoint runs a script that is in the repository; every Ray
+  container opens the metrics port (8080, named metrics) that Prometheus scrapes.
+* kuberay/podmonitor.yaml: a strict subset of the Prometheus Operator's PodMonitor, whose selector picks
+  the Ray pods of every KubeRay manifest here and whose endpoint is that port.
+* grafana/spinml.json: the dashboard charts every metric spinml_ray/metrics.py defines, by the name
+  Prometheus gives it (ray_ prefix, _total on counters, _bucket/_sum/_count on histograms), and no other.
 The negative tests break a loaded copy of each manifest and check that the error names the broken field.
 """
 
@@ -100,11 +105,18 @@ class EnvVar(_Strict):
         return self
 
 
+class ContainerPort(_Strict):
+    containerPort: Annotated[int, Field(ge=1, le=65535)]
+    name: Optional[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")]] = None  # IANA_SVC_NAME
+    protocol: Optional[Literal["TCP", "UDP", "SCTP"]] = None
+
+
 class Container(_Loose):
     name: str = Field(min_length=1)
     image: str = Field(min_length=1)
     env: list[EnvVar] = []
     resources: Resources = Resources()
+    ports: list[ContainerPort] = []
 
 
 class PodSpec(_Loose):
@@ -223,9 +235,80 @@ def _check_cluster(spec: RayClusterSpec, at: str, submitter: Optional[PodTemplat
         templates["spec.submitterPodTemplate"] = submitter
     images = {f"{path}.spec.containers.{i}.image": container.image
               for path, template in templates.items() for i, container in enumerate(template.spec.containers)}
+    for path, template in templates.items():  # every Ray node is scraped (kuberay/podmonitor.yaml)
+        if path == "spec.submitterPodTemplate":
+            continue
+        ports = {port.name: port.containerPort for port in template.spec.containers[0].ports}
+        if ports.get(METRICS_PORT_NAME) != METRICS_PORT:
+            raise ValueError(f"{path}.spec.containers.0.ports: no port {METRICS_PORT_NAME!r} ({METRICS_PORT}), "
+                             "where Prometheus scrapes the node")
     usual = Counter(images.values()).most_common(1)[0][0]
     if odd := [f"{field} is {image!r}" for field, image in images.items() if image != usual]:
         raise ValueError(f"all containers must run one image ({usual!r}): " + ", ".join(odd))
+
+
+METRICS_PORT, METRICS_PORT_NAME = 8080, "metrics"  # KubeRay's --metrics-export-port
+
+
+class PodMetricsEndpoint(_Strict):
+    port: Literal["metrics"]
+    path: Literal["/metrics"] = "/metrics"
+    interval: Optional[Annotated[str, Field(pattern=r"^([0-9]+(ms|s|m|h))+$")]] = None
+    relabelings: list[dict[str, Any]] = []
+
+
+class PodMonitorSpec(_Strict):
+    jobLabel: Optional[str] = None
+    namespaceSelector: dict[Literal["any", "matchNames"], Any] = {}
+    selector: dict[Literal["matchLabels"], dict[str, str]]
+    podMetricsEndpoints: list[PodMetricsEndpoint] = Field(min_length=1)
+
+
+class PodMonitor(_Strict):
+    apiVersion: Literal["monitoring.coreos.com/v1"]
+    kind: Literal["PodMonitor"]
+    metadata: dict[str, Any]
+    spec: PodMonitorSpec
+
+
+def validate_podmonitor(doc: dict) -> None:
+    """The Prometheus Operator's PodMonitor (a strict subset), selecting the pods of every Ray manifest here."""
+    selector = PodMonitor.model_validate(doc).spec.selector["matchLabels"]
+    kuberay = {"ray.io/is-ray-node": "yes"}  # what KubeRay puts on every Ray pod
+    for name in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml"):
+        for at, labels in _pod_labels(manifest(name)):
+            if missing := {k: v for k, v in selector.items() if {**labels, **kuberay}.get(k) != v}:
+                raise ValueError(f"spec.selector.matchLabels {missing} does not select {name} {at}")
+
+
+def _pod_labels(doc: dict):
+    """(where, labels) of each Ray pod template in a KubeRay manifest."""
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+    groups = [("headGroupSpec", spec["headGroupSpec"])] + [(f"workerGroupSpecs.{i}", g) for i, g in enumerate(spec["workerGroupSpecs"])]
+    for at, group in groups:
+        yield at, group["template"].get("metadata", {}).get("labels", {})
+
+
+def validate_dashboard(doc: dict) -> None:
+    """The Grafana dashboard charts every metric in spinml_ray/metrics.py, by the name Prometheus gives it,
+    and no other spinml metric; panels have unique ids and a templated Prometheus data source."""
+    from spinml_ray.metrics import NAMES
+
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    exported = {f"ray_{name}{suffix}": name for name, (kind, _, _) in NAMES.items() for suffix in suffixes[kind]}
+    charted, ids = set(), Counter(panel["id"] for panel in doc["panels"])
+    if doubled := [i for i, n in ids.items() if n > 1]:
+        raise ValueError(f"panels: ids {doubled} are used twice")
+    for i, panel in enumerate(doc["panels"]):
+        for j, target in enumerate(panel["targets"]):
+            if target.get("datasource", {}).get("uid") != "${datasource}":
+                raise ValueError(f"panels.{i}.targets.{j}.datasource: not the dashboard's ${{datasource}}")
+            for metric in re.findall(r"\bray_spinml_\w+", target["expr"]):
+                if metric not in exported:
+                    raise ValueError(f"panels.{i}.targets.{j}.expr: {metric} is not a metric spinml-ray exports")
+                charted.add(exported[metric])
+    if missing := sorted(set(NAMES) - charted):
+        raise ValueError(f"panels: no chart for {missing}")
 
 
 def validate_raycluster(doc: dict) -> None:
@@ -319,7 +402,8 @@ def validate_launcher(cfg: dict) -> None:
 
 VALIDATORS = {"aws-launcher.yaml": validate_launcher, "kuberay/raycluster.yaml": validate_raycluster,
               "kuberay/rayjob.yaml": validate_rayjob, "kuberay/rayservice.yaml": validate_rayservice,
-              "serve-config.yaml": validate_serve_config}
+              "serve-config.yaml": validate_serve_config, "kuberay/podmonitor.yaml": validate_podmonitor,
+              "grafana/spinml.json": validate_dashboard}
 
 
 class Rename(str):  # as an edit's value: rename the key to this
@@ -347,6 +431,7 @@ def edit(doc: dict, path: str, value: Any) -> None:
 L, C, J, S, V = "aws-launcher.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/rayservice.yaml", "serve-config.yaml"
 HEAD, GPU = "spec.headGroupSpec.template.spec.containers.0", "spec.workerGroupSpecs.1.template.spec.containers.0"
 JC, JHEAD = "spec.rayClusterSpec", "spec.rayClusterSpec.headGroupSpec.template.spec.containers.0"
+M, D = "kuberay/podmonitor.yaml", "grafana/spinml.json"
 
 
 @pytest.mark.parametrize("name, edits", [
@@ -417,6 +502,18 @@ def test_manifest_is_valid(name, edits):
                  "     import_path: spinml_ray.synthesis.service:app_builder, args: {modle: tiny}}\n",
                  ("spec.serveConfigV2.applications.0.args", "modle"), id="service-config-bad-arg"),
     pytest.param(S, "spec.rayClusterConfig.rayVersion", "2.59.0", "spec.rayClusterConfig.rayVersion", id="service-ray-version"),
+    pytest.param(C, f"{GPU}.ports", DROP, ("spec.workerGroupSpecs.1.template.spec.containers.0.ports", "'metrics'"),
+                 id="cluster-worker-not-scraped"),
+    pytest.param(S, "spec.rayClusterConfig.headGroupSpec.template.spec.containers.0.ports.3.containerPort", 9090,
+                 "spec.rayClusterConfig.headGroupSpec.template.spec.containers.0.ports", id="service-head-metrics-port"),
+    pytest.param(M, "spec.podMetricsEndpoints.0.port", "metric", "spec.podMetricsEndpoints.0.port", id="monitor-port-name"),
+    pytest.param(M, "spec.selector.matchLabels.app", "spinml", ("spec.selector.matchLabels", "kuberay/raycluster.yaml"), id="monitor-selects-nothing"),
+    pytest.param(M, "apiVersion", "monitoring.coreos.com/v1beta1", "apiVersion", id="monitor-api-version"),
+    pytest.param(D, "panels.0.targets.0.expr", "sum(rate(ray_spinml_request_total[5m]))", "panels.0.targets.0.expr", id="dashboard-unknown-metric"),
+    pytest.param(D, "panels.2.targets.0.expr", "sum(rate(ray_spinml_images_generated[5m]))", "panels.2.targets.0.expr",
+                 id="dashboard-counter-without-total"),
+    pytest.param(D, "panels.4", DROP, ("panels", "spinml_diffusion_queue_depth"), id="dashboard-metric-not-charted"),
+    pytest.param(D, "panels.1.id", 1, ("panels", "ids [1]"), id="dashboard-duplicate-id"),
 ])
 def test_broken_manifest_is_rejected(name, path, value, expected):
     doc = manifest(name)
@@ -442,3 +539,9 @@ def test_quantity_rejects_malformed(text):
 def test_the_rayservice_deploys_the_serve_config():
     """One application, two files: the RayService's serveConfigV2 is cluster/serve-config.yaml."""
     assert yaml.safe_load(manifest(S)["spec"]["serveConfigV2"]) == manifest(V)
+
+
+def test_every_file_in_cluster_is_checked():
+    """A manifest added to cluster/ without a check fails here (scripts and READMEs are checked elsewhere)."""
+    files = {str(p.relative_to(REPO / "cluster")) for p in (REPO / "cluster").rglob("*") if p.suffix in (".yaml", ".yml", ".json")}
+    assert files == set(VALIDATORS)

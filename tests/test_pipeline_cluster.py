@@ -231,9 +231,14 @@ def test_one_bad_item_does_not_fail_its_batch(synthesis):
         responses[3].result()
 
 
-def test_stage_subcommands_run_one_stage_each(tmp_path, synthesis, capsys):
+def test_stage_subcommands_run_one_stage_each(tmp_path, synthesis, capsys, caplog):
+    """... and, off a terminal, show their progress as log lines: counted in the driver (references,
+    images) and in the Ray Train workers (epochs, through the relay)."""
+    import logging
+
     from spinml_ray.cli import main
 
+    caplog.set_level(logging.INFO, logger="spinml_ray.progress")
     request = write_example(str(tmp_path / "request"))
     out = str(tmp_path / "out")
     base = os.path.join(out, "demo", "example-duck")
@@ -245,6 +250,12 @@ def test_stage_subcommands_run_one_stage_each(tmp_path, synthesis, capsys):
     assert storage.read_manifest(os.path.join(base, "synthetic"))["images"] == 16
     assert main(["train", request, "--storage", out]) == 0
     assert storage.read_json(os.path.join(base, "model", "metrics.json"))["n"] == 8
+    lines = [r.getMessage() for r in caplog.records if r.name == "spinml_ray.progress"]
+    for stage, count in (("sanitize", "4/4 references"), ("synthesize", "16/16 images"), ("train", "2/2 epochs")):
+        assert f"demo/example-duck {stage}: running" in lines
+        assert f"demo/example-duck {stage}: {count}" in lines, lines
+        assert f"demo/example-duck {stage}: done ({count})" in lines
+    assert "demo/example-duck train: failed" in lines  # the first try, before anything was synthesized
 
 
 def test_sam_segments_unmasked_references_and_bad_ones_are_rejected(tmp_path, synthesis, http_port):

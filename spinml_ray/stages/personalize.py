@@ -77,6 +77,8 @@ def personalize_loop(config: dict) -> None:
         die_if_armed(config, trainer.step, rank)
         loss = trainer.train_step(optimizer)
         last = trainer.step == settings["steps"]
+        if rank == 0 and config.get("progress") is not None:
+            config["progress"](trainer.step, settings["steps"])
         if trainer.step % settings["checkpoint_every"] and not last:
             continue
         metrics = {"step": trainer.step, "loss": loss, "initial_loss": initial_loss, "resumed_from": resumed_from}
@@ -122,7 +124,7 @@ def class_images(spec: RequestSpec, paths: storage.RequestPaths, handle, setting
 
 
 def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, handle, use_gpu: bool | None = None,
-                    fault_injection_step: int | None = None, fault_kind: str = "kill") -> dict:
+                    fault_injection_step: int | None = None, fault_kind: str = "kill", progress=None) -> dict:
     """Train (or resume) the request's adapter; returns the committed manifest, or why it was skipped.
 
     `fault_injection_step` kills rank 0's worker process once at that step, or with `fault_kind="oom"`
@@ -144,7 +146,7 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
     fs, runs = storage.filesystem(storage.join(paths.train_runs, "personalize"))
     state_uri = storage.join(paths.adapters, "_resume", STATE_FILE)
     config = {"model": model, "settings": settings, "instance": crops, "class_images": prior, "out": paths.adapters,
-              "state_uri": state_uri}
+              "state_uri": state_uri, "progress": progress}
     arm_fault(config, f"lora-{spec.tenant}-{spec.request_id}", fault_injection_step, fault_kind)
     trainer = TorchTrainer(
         personalize_loop,

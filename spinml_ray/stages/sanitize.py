@@ -21,7 +21,7 @@ import resource
 import numpy as np
 import pyarrow as pa
 
-from spinml_ray import storage
+from spinml_ray import metrics, storage
 from spinml_ray.bundle import (
     REJECTION_SCHEMA,
     SANITIZED_SCHEMA,
@@ -48,13 +48,16 @@ class SanitizeWorker:
     def __call__(self, batch: dict) -> dict:
         items = [json.loads(raw) for raw in batch["item"]]
         rows, rejections = sanitize_all(items, self.target, self.background, self.settings, self.segmenter)
+        for row in rows:  # what left, per level: the leakage a platform sees in aggregate
+            if row.get("mi") is not None:
+                metrics.record("spinml_released_mi", row["mi"], level=row["level"], object=row["object"])
         part = ""
         if rows:
             part = storage.part_uri(self.out_dir)
             storage.write_table(part, pa.Table.from_pylist(rows, schema=SANITIZED_SCHEMA))
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        return {"part": np.array([part]), "rows": np.array([len(rows)]), "rejections": np.array([json.dumps(rejections)]),
-                "peak_rss_mb": np.array([peak_mb])}
+        return {"part": np.array([part]), "rows": np.array([len(rows)]), "items": np.array([len(items)]),
+                "rejections": np.array([json.dumps(rejections)]), "peak_rss_mb": np.array([peak_mb])}
 
 
 def _default_workers() -> int:
@@ -64,7 +67,7 @@ def _default_workers() -> int:
 
 
 def _sanitize_references(spec: RequestSpec, paths: storage.RequestPaths, model: str, sam: str | None,
-                         workers: int | None, batch_size: int) -> tuple[list[str], list[dict], int, float]:
+                         workers: int | None, batch_size: int, progress=None) -> tuple[list[str], list[dict], int, float]:
     import ray
 
     from spinml_ray.cluster import cluster_has_gpus
@@ -73,7 +76,7 @@ def _sanitize_references(spec: RequestSpec, paths: storage.RequestPaths, model: 
     needs_sam = any(not i.get("mask_uri") for i in items)
     workers = workers or _default_workers()
     dataset = ray.data.from_items([{"item": json.dumps(item)} for item in items], override_num_blocks=max(1, min(len(items), 200)))
-    results = dataset.map_batches(
+    results_dataset = dataset.map_batches(
         SanitizeWorker,
         fn_constructor_kwargs={
             "out_dir": paths.sanitized,
@@ -87,7 +90,13 @@ def _sanitize_references(spec: RequestSpec, paths: storage.RequestPaths, model: 
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(workers, max(1, len(items) // batch_size + 1))),
         num_gpus=(1.0 / workers) if needs_sam and cluster_has_gpus() else 0,
-    ).take_all()
+    )
+    results, done = [], 0
+    for result in results_dataset.iter_rows():
+        results.append(result)
+        done += int(result["items"])
+        if progress is not None:
+            progress(done, len(items))
     parts = [r["part"] for r in results if r["part"]]
     rejections = [rej for r in results for rej in json.loads(r["rejections"])]
     return parts, rejections, len(items), max((float(r["peak_rss_mb"]) for r in results), default=0.0)
@@ -112,19 +121,21 @@ def _accept_bundle(spec: RequestSpec, paths: storage.RequestPaths) -> tuple[list
 
 
 def run_sanitize(spec: RequestSpec, paths: storage.RequestPaths, model: str = "tiny", sam: str | None = None,
-                 workers: int | None = None, batch_size: int = 8) -> dict:
+                 workers: int | None = None, batch_size: int = 8, progress=None) -> dict:
     """Sanitize the request's references (or accept its uploaded bundle) into `paths.sanitized`.
 
-    SAM comes from `sam` when given, else from the model source's `sam/` folder (if it has one)."""
+    SAM comes from `sam` when given, else from the model source's `sam/` folder (if it has one).
+    `progress(done, total)` hears of references as their batches come back."""
     if spec.bundle:
         parts, rejections, total, peak_mb = _accept_bundle(spec, paths)
     else:
-        parts, rejections, total, peak_mb = _sanitize_references(spec, paths, model, sam, workers, batch_size)
+        parts, rejections, total, peak_mb = _sanitize_references(spec, paths, model, sam, workers, batch_size, progress)
     accepted = total - len(rejections)
     storage.write_table(storage.join(paths.sanitized, "rejections.parquet"),
                         pa.Table.from_pylist(rejections, schema=REJECTION_SCHEMA))
     for rej in rejections:
         log.warning("reference %s rejected: %s", rej["ref_id"], rej["reason"])
+        metrics.record("spinml_references_rejected", reason=metrics.rejection_category(rej["reason"]))
     if accepted < spec.min_references:
         reasons = "; ".join(f"{r['ref_id']}: {r['reason']}" for r in rejections)
         raise StageError(f"request {spec.request_id}: {accepted} valid reference(s), {spec.min_references} needed ({reasons})")

@@ -9,9 +9,12 @@ target's box where the conditioning's geometry fixes it (`plan.geometry_box`; de
 
 from __future__ import annotations
 
+import logging
+
 import pyarrow as pa
 
 from spinml_ray import storage
+from spinml_ray.cluster import failure_reason, lost_process
 from spinml_ray.images import digest
 from spinml_ray.spec import RequestSpec
 from spinml_ray.stages import StageError
@@ -20,6 +23,7 @@ from spinml_ray.synthesis.service import submit
 from spinml_ray.synthesis.workitems import WorkItem
 
 PART_ROWS = 256
+log = logging.getLogger(__name__)
 
 SYNTHETIC_SCHEMA = pa.schema(
     [
@@ -50,8 +54,35 @@ def condition_digest(item: WorkItem) -> str:
     return digest(sent) if sent else ""
 
 
-def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_in_flight: int = 64) -> dict:
-    """Generate every synthetic image of the request through `handle`; returns the committed manifest."""
+def generate(handle, items: list[WorkItem], attempts: int = 3) -> tuple[list, int]:
+    """Each item's generated image or the exception it ended with, and how many sends were repeated.
+    An item whose replica was lost (its node or process died) is sent again, up to `attempts` times
+    in all: Serve starts a new replica and the handle waits for it. Rows are kept by the caller, so a
+    retry duplicates nothing."""
+    outcomes: dict[str, object] = {}
+    waiting, resent = list(items), 0
+    for attempt in range(attempts):
+        responses = [(item, submit(handle, item)) for item in waiting]
+        waiting = []
+        for item, response in responses:
+            try:
+                outcomes[item.image_id] = response.result()
+            except Exception as exc:
+                if attempt + 1 < attempts and lost_process(exc):
+                    log.warning("image %s: its replica was lost (%s); sending it again", item.image_id, lost_process(exc))
+                    waiting.append(item)
+                else:
+                    outcomes[item.image_id] = exc
+        if not waiting:
+            break
+        resent += len(waiting)
+    return [outcomes[item.image_id] for item in items], resent
+
+
+def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_in_flight: int = 64,
+                   progress=None) -> dict:
+    """Generate every synthetic image of the request through `handle`; returns the committed manifest.
+    `progress(done, total)` hears of images as they come back."""
     from spinml_ray.stages.personalize import adapter_for
 
     sanitized = storage.read_committed_table(paths.sanitized).to_pylist()
@@ -64,7 +95,7 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
     if spec.task == "detection":  # where no geometry places the subject, ask where the model drew it
         items = [i if boxes.get(i.source_ref) else i.model_copy(update={"attend": spec.subject}) for i in items]
     label_index = {name: i for i, name in enumerate(spec.label_names)}
-    rows, parts, failures = [], [], []
+    rows, parts, failures, resent = [], [], [], 0
 
     def flush():
         if rows:
@@ -75,12 +106,13 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
 
     for start in range(0, len(items), max_in_flight):
         window = items[start : start + max_in_flight]
-        responses = [submit(handle, item) for item in window]
-        for item, response in zip(window, responses):
-            try:
-                generated = response.result()
-            except Exception as exc:
-                failures.append(f"{item.image_id}: {exc}")
+        generated_window, resent_now = generate(handle, window)
+        resent += resent_now
+        for done, (item, generated) in enumerate(zip(window, generated_window), start + 1):
+            if progress is not None:
+                progress(done, len(items))
+            if isinstance(generated, Exception):
+                failures.append(f"{item.image_id}: {failure_reason(generated)}")
                 continue
             sent = condition_digest(item)
             if generated.received_sha256 != sent:
@@ -104,4 +136,4 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
     if failures:
         raise StageError(f"request {spec.request_id}: {len(failures)} image(s) failed: " + "; ".join(failures[:5]))
     return storage.commit(paths.synthetic, parts, images=len(items), privacy=spec.privacy.config,
-                          alpha=spec.privacy.alpha, adapter=adapter)
+                          alpha=spec.privacy.alpha, adapter=adapter, resent=resent)

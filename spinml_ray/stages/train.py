@@ -31,7 +31,8 @@ from spinml_ray.training.export import ONNX_FILE, TORCHSCRIPT_FILE, export
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 BEST_FILE = "best.pt"
-RUN_ONLY = ("state_uri", "best_uri", "threads", "report_checkpoints", "fault_at", "fault_marker", "fault_kind")
+RUN_ONLY = ("state_uri", "best_uri", "threads", "report_checkpoints", "fault_at", "fault_marker", "fault_kind",
+            "progress")
 
 
 def _detecting(config: dict) -> bool:
@@ -105,6 +106,8 @@ def fit(config: dict) -> dict:
         die_if_armed(config, epoch, rank)
         loss = train_epoch(model, loader, optimizer, device)
         val = _evaluate(config, plain, x_val, y_val)
+        if rank == 0 and config.get("progress") is not None:
+            config["progress"](epoch + 1, config["epochs"])
         if best is None or val["score"] > best["score"]:
             best = {"epoch": epoch, "score": val["score"], "weights": state_dict_bytes(plain)}
         state = {"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "best": best}
@@ -132,7 +135,7 @@ def train_loop(config: dict) -> None:
 
 def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | None = None,
               fault_injection_epoch: int | None = None, model: str = "tiny", fault_kind: str = "kill",
-              fleet=None) -> dict:
+              fleet=None, progress=None) -> dict:
     """Train, evaluate and write `model/`; returns the metrics written to `model/metrics.json`.
 
     On GPU clusters each worker asks for `training.gpu_fraction` of a GPU, so several requests' small
@@ -165,6 +168,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         "best_uri": storage.join(paths.train_runs, "_resume", BEST_FILE),
         "threads": 1,  # a fleet slot sets its own
         "report_checkpoints": False,
+        "progress": progress,  # (done, total) epochs, from rank 0
     }
     labelling = {}
     if spec.task == "detection":
@@ -176,9 +180,10 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
                              "(target at L1/L2, or background at L2) or an auto-labeller that finds the subject")
     arm_fault(config, f"train-{spec.tenant}-{spec.request_id}", fault_injection_epoch, fault_kind)
     started = time.time()
+    moved = 0
     try:
         if fleet is not None and fleet.fits(training.num_workers, training.gpu_fraction):
-            fleet.train(f"{spec.tenant}/{spec.request_id}", config)
+            moved = fleet.train(f"{spec.tenant}/{spec.request_id}", config)
         else:
             _train_alone(spec, paths, config, use_gpu)
     except Exception as exc:  # Ray wraps the worker's error; report it as this request's failure
@@ -204,6 +209,7 @@ def run_train(spec: RequestSpec, paths: storage.RequestPaths, use_gpu: bool | No
         **({"boxes": labelling} if labelling else {}),
         **best_metrics,
         "train_seconds": round(time.time() - started, 2),
+        **({"requeued_after_node_loss": moved} if moved else {}),
     }
     settings = {
         "task": spec.task,

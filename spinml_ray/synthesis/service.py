@@ -10,7 +10,9 @@
   prefix (`storage.confine`), admission control (413 for a call larger than is ever admitted, 503
   with `Retry-After` when busy), images written to storage only inside that prefix; no error body
   carries a traceback, path or process id. It calls the diffusion deployment through the same
-  `submit` the job uses.
+  `submit` the job uses. A call that takes minutes can be streamed (`?stream=true`, or `Accept:
+  application/x-ndjson`): the checks answer as before, then one NDJSON line per image as it is
+  stored, and a last line with the counts.
 
 `app_builder` is the application as Ray builds it from a config: `serve run
 spinml_ray.synthesis.service:app_builder model=...`, `serve deploy cluster/serve-config.yaml`, or a
@@ -20,6 +22,7 @@ KubeRay RayService (`cluster/kuberay/rayservice.yaml`); its arguments are `Synth
 
 # No `from __future__ import annotations` here: FastAPI must see the real types of the route bodies.
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -27,11 +30,11 @@ import uuid
 from typing import Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from spinml_ray import storage
+from spinml_ray import metrics, storage
 from spinml_ray.spec import Identifier, LabelSpec, PrivacySpec, SynthesisSpec
 from spinml_ray.synthesis.auth import AuthError, load_tokens, tenant_for
 from spinml_ray.synthesis.engine import LORA_WEIGHTS, DiffusionEngine
@@ -61,6 +64,7 @@ class _AdapterRef:
 
     def __del__(self):
         self.engine.unload_adapter(self.uri)
+        metrics.record("spinml_adapter_events", event="evict")
 
 
 @serve.deployment(name="DiffusionDeployment", max_ongoing_requests=64)
@@ -79,6 +83,7 @@ class DiffusionDeployment:
     @serve.multiplexed(max_num_models_per_replica=8)
     async def get_adapter(self, uri: str) -> _AdapterRef:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.load_adapter, uri)
+        metrics.record("spinml_adapter_events", event="load")
         return _AdapterRef(self.engine, uri)
 
     def _generate_isolated(self, items: list[WorkItem]) -> list:
@@ -101,12 +106,17 @@ class DiffusionDeployment:
     async def generate_batch(self, items: list[WorkItem]) -> list:
         loop = asyncio.get_running_loop()
         self.generating += len(items)
+        metrics.record("spinml_diffusion_batch_size", len(items))
         try:
-            return await loop.run_in_executor(None, self._generate_isolated, items)
+            results = await loop.run_in_executor(None, self._generate_isolated, items)
         except Exception as exc:
             return [exc] * len(items)
         finally:
             self.generating -= len(items)
+        for result in results:
+            if not isinstance(result, Exception):
+                metrics.record("spinml_images_generated", kind=result.kind)
+        return results
 
     async def generate(self, item: WorkItem) -> GeneratedImage:
         if item.adapter:
@@ -144,6 +154,16 @@ class ApiGenerateRequest(BaseModel):
 
 
 MAX_BODY_BYTES = 1 << 20
+
+
+def _streamed(request: Request) -> bool:
+    """Whether the caller asked for one NDJSON line per image (`?stream=true` or `Accept: application/x-ndjson`)."""
+    return (request.query_params.get("stream", "").lower() in ("1", "true", "yes")
+            or "application/x-ndjson" in request.headers.get("accept", ""))
+
+
+def _described(item: WorkItem, uri: str) -> dict:
+    return {"image_id": item.image_id, "uri": uri, "seed": item.seed, "prompt": item.prompt, "pool": item.pool}
 
 
 def _problem(status: int, detail, headers: Optional[dict] = None) -> JSONResponse:
@@ -199,6 +219,7 @@ class SynthesisAPI:
         if body.tenant != tenant:
             return _problem(403, f"token is for tenant {tenant!r}, not {body.tenant!r}")
         if body.synthesis.images_per_label > self.max_pending:
+            metrics.record("spinml_admission_rejections", status="413")
             return _problem(413, f"synthesis.images_per_label {body.synthesis.images_per_label} is more than this "
                                  f"service admits in one call ({self.max_pending}); split the call")
         home = storage.join(self.root, tenant)
@@ -225,21 +246,51 @@ class SynthesisAPI:
         except ValueError as exc:
             return _problem(422, str(exc))
         if self.pending + len(items) > self.max_pending:
+            metrics.record("spinml_admission_rejections", status="503")
             return _problem(503, "synthesis is at capacity; retry later", {"Retry-After": "2"})
-        self.pending += len(items)
+        self._admit(len(items))
+        out_dir = storage.join(home, body.request_id, "api", body.label.name)
+        tasks = [asyncio.ensure_future(self._make(item, home, out_dir)) for item in items]
+        if _streamed(request):
+            return StreamingResponse(self._stream(body.request_id, items, tasks), media_type="application/x-ndjson")
         try:
-            out_dir = storage.join(home, body.request_id, "api", body.label.name)
-            made = await asyncio.gather(*(self._make(item, home, out_dir) for item in items), return_exceptions=True)
+            made = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            self.pending -= len(items)
+            self._admit(-len(items))
         failed = [(item, result) for item, result in zip(items, made) if isinstance(result, BaseException)]
         for item, exc in failed:
             log.warning("request %s image %s failed: %s", body.request_id, item.image_id, exc)
         if failed:
             return _problem(500, f"generation failed for {len(failed)} of {len(items)} images "
                                  f"({', '.join(item.image_id for item, _ in failed[:5])}); retry the call")
-        return {"images": [{"image_id": i.image_id, "uri": u, "seed": i.seed, "prompt": i.prompt, "pool": i.pool}
-                           for i, u in zip(items, made)]}
+        return {"images": [_described(item, uri) for item, uri in zip(items, made)]}
+
+    def _admit(self, images: int) -> None:
+        self.pending += images
+        metrics.record("spinml_diffusion_queue_depth", self.pending)
+
+    async def _stream(self, request_id: str, items: list[WorkItem], tasks: list):
+        """NDJSON, one line per image as it is stored (or fails), then a summary line. A caller that
+        goes away cancels the images not yet generated; what was stored stays (a retry reuses it)."""
+        which = dict(zip(tasks, items))
+        waiting, failed = set(tasks), 0
+        try:
+            while waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    item = which[task]
+                    if task.exception() is not None:
+                        failed += 1
+                        log.warning("request %s image %s failed: %s", request_id, item.image_id, task.exception())
+                        line = {"image_id": item.image_id, "error": "generation failed; retry the call"}
+                    else:
+                        line = _described(item, task.result())
+                    yield json.dumps(line) + "\n"
+            yield json.dumps({"done": True, "images": len(items) - failed, "failed": failed}) + "\n"
+        finally:
+            for task in waiting:
+                task.cancel()
+            self._admit(-len(items))
 
     async def _make(self, item: WorkItem, home: str, out_dir: str) -> str:
         uri = storage.join(out_dir, f"{item.image_id}-{item.seed}.png")
