@@ -223,8 +223,8 @@ def _progress(args):
     shows_stages = args.command in ("run", "batch", "personalize", "synthesize", "train") or (
         args.command == "sanitize" and not (args.local or args.preview))
     progress = Progress(live=None if shows_stages else False)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=[progress.log_handler()])
+    logging.basicConfig(level=logging.INFO, handlers=[progress.log_handler()],  # rich shows time and level itself
+                        format="%(name)s: %(message)s" if progress.live else "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         yield progress
     finally:

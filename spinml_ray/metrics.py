@@ -11,6 +11,8 @@ never request content. Requests and stage seconds carry the tenant only where th
 `SPINML_METRICS_TENANT=1` on its nodes: a label per tenant multiplies the series Prometheus keeps.
 
 Recording never fails the work it describes: outside Ray it does nothing, and an error is swallowed.
+A gauge is exported while it is being set: one left alone (an idle replica's queue depth) can drop out
+of the scrape instead of reading 0, which a dashboard shows as a gap.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ NAMES = {  # metric name -> (kind, description, label keys)
     "spinml_stage_seconds": ("histogram", "seconds a request's stage took (completed stages)", ("stage",)),
     "spinml_images_generated": ("counter", "synthetic images generated, by pipeline kind", ("kind",)),
     "spinml_diffusion_batch_size": ("histogram", "images per batch the diffusion deployment generated", ()),
-    "spinml_diffusion_queue_depth": ("gauge", "images admitted by the HTTP API and not yet generated", ()),
+    "spinml_diffusion_queue_depth": ("gauge", "images in a diffusion replica, waiting for a batch or being generated", ()),
+    "spinml_api_pending_images": ("gauge", "images admitted by the HTTP API and not yet stored", ()),
     "spinml_admission_rejections": ("counter", "API calls refused for capacity (503) or size (413)", ("status",)),
     "spinml_adapter_events": ("counter", "LoRA adapters loaded into and evicted from replicas", ("event",)),
     "spinml_fleet_slots": ("gauge", "training fleet slots, busy (training a job) or idle (waiting for one)", ("state",)),

@@ -545,3 +545,17 @@ def test_every_file_in_cluster_is_checked():
     """A manifest added to cluster/ without a check fails here (scripts and READMEs are checked elsewhere)."""
     files = {str(p.relative_to(REPO / "cluster")) for p in (REPO / "cluster").rglob("*") if p.suffix in (".yaml", ".yml", ".json")}
     assert files == set(VALIDATORS)
+
+
+def test_the_application_builds_before_ray_is_connected():
+    """`serve run ...:app_builder` builds the application before it starts or joins Ray."""
+    import subprocess
+    import sys
+
+    script = ("import ray\nfrom spinml_ray.synthesis.service import SynthesisAppArgs, app_builder\n"
+              "app = app_builder(SynthesisAppArgs(model='tiny', storage_root='/tmp/spinml'))\n"
+              "assert not ray.is_initialized(), 'the builder connected to Ray'\n"
+              "print(type(app).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("Application")

@@ -2,6 +2,7 @@
 endpoint by what it did, labels carry no request content."""
 
 import os
+import threading
 import time
 from collections import defaultdict
 
@@ -35,6 +36,20 @@ def _scrape() -> dict:
     return values
 
 
+def _settled_scrape(quiet_s: float = 12, bound_s: float = 120) -> dict:
+    """A scrape once no spinml sample has changed for `quiet_s` (longer than Ray's 10 s report
+    interval), so that what earlier tests recorded has all arrived before this one counts."""
+    deadline = time.time() + bound_s
+    last, since = _scrape(), time.time()
+    while time.time() - since < quiet_s:
+        assert time.time() < deadline, "spinml's metrics never settled"
+        time.sleep(1)
+        now = _scrape()
+        if now != last:
+            last, since = now, time.time()
+    return last
+
+
 def _delta(after: dict, before: dict, name: str, **labels) -> float:
     """How much the samples called `name` whose labels include `labels` grew, summed."""
     wanted = set(labels.items())
@@ -58,8 +73,21 @@ def test_a_batch_moves_the_counters_by_what_it_did(tmp_path, synthesis, http_por
         with open(path, "w") as handle:
             yaml.safe_dump(request, handle)
         requests.append(path)
-    before = _scrape()
-    summary = run_batch(requests, str(tmp_path / "out"), max_concurrent=2, name="metrics", http_port=http_port)
+    before = _settled_scrape()
+    seen: set[str] = set()  # a gauge is exported while it is being set: look for them during the batch
+    stop = threading.Event()
+
+    def watch():
+        while not stop.wait(1):
+            seen.update(key[0] for key in _scrape())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = run_batch(requests, str(tmp_path / "out"), max_concurrent=2, name="metrics", http_port=http_port)
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
     assert [row["state"] for row in summary] == ["done", "done"], summary
 
     expected = {  # (sample, labels): growth
@@ -83,7 +111,8 @@ def test_a_batch_moves_the_counters_by_what_it_did(tmp_path, synthesis, http_por
         time.sleep(1)
     assert grown == expected
     assert _delta(after, before, "ray_spinml_diffusion_batch_size_count") >= 1
-    assert any(key[0] == "ray_spinml_fleet_slots" for key in after)  # the job board's gauges are there
+    gauges = {"ray_spinml_fleet_slots", "ray_spinml_fleet_jobs_waiting", "ray_spinml_diffusion_queue_depth"}
+    assert gauges <= seen, sorted(seen)  # the job board's and the replica's gauges were there
     kinds = {dict(key[1]).get("kind") for key in after if key[0] == "ray_spinml_images_generated_total"}
     assert "controlnet" in kinds  # the L1 request's images, labelled by pipeline
     content = {"plain", "with-broken", "demo", "yellow rubber duck", "broken.png"}

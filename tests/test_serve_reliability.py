@@ -149,3 +149,38 @@ def test_a_requests_adapter_is_applied_to_its_own_images_only(synthesis, lora_ad
     assert all(image == baseline for image in images[0::2])  # other requests' images: untouched
     assert all(image != baseline for image in images[1::2])  # this request's images: personalised
     assert lora_adapter in synthesis.info.remote().result()["adapters"]
+
+
+def test_images_whose_replica_is_killed_mid_batch_are_sent_again_and_all_arrive(ray_cluster, synthesis, tmp_path):
+    """The synthesize stage's calls survive the loss of the replica they went to (as with its node):
+    `stages.synthesize.generate` sends them again once Serve has started a new replica."""
+    import ray
+    from ray import serve
+
+    from spinml_ray.stages.synthesize import generate
+    from spinml_ray.synthesis.workitems import WorkItem
+
+    _deploy("resend", str(tmp_path / "store"))
+    handle = serve.get_deployment_handle("DiffusionDeployment", app_name="resend")
+    items = [WorkItem(image_id=f"i{n}", request_id="resend", tenant="demo", label="a", pool="L0_L0",
+                      prompt="a duck", seed=n, resolution=64, steps=300, guidance=5.0) for n in range(4)]
+    outcome: dict = {}
+    caller = threading.Thread(target=lambda: outcome.update(result=generate(handle, items)))
+    try:
+        [name] = _replica_actor_names("resend")
+        caller.start()
+        deadline = time.time() + 120
+        while handle.info.remote().result()["generating"] == 0:  # until its batch is being generated
+            assert time.time() < deadline and caller.is_alive(), "the batch never started"
+            time.sleep(0.1)
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        caller.join(timeout=600)
+        assert not caller.is_alive()
+        images, resent = outcome["result"]
+        assert resent >= 1  # the killed batch's images were sent again ...
+        assert [type(image).__name__ for image in images] == ["GeneratedImage"] * 4  # ... and every one arrived
+        assert [image.image_id for image in images] == ["i0", "i1", "i2", "i3"]
+        assert decode_png(images[0].image).shape == (64, 64, 3)
+        assert name not in _replica_actor_names("resend")
+    finally:
+        serve.delete("resend")

@@ -222,6 +222,7 @@ def test_batch_expects_training_during_synthesis_and_logs_progress(tmp_path, mon
         events.append(stages[0])
         if fails and stages[0] == "synthesize":
             raise RuntimeError("the deployment fell over")
+        return {stages[0]: {}}  # the stage's summary, as run_request returns it
 
     monkeypatch.setattr(batch, "run_request", run_request)
     run = batch.BatchRun(str(tmp_path / "out"), "tiny", 0, fleet=Fleet(), total=3)
@@ -269,7 +270,7 @@ def test_batch_makes_room_in_the_fleet_while_a_request_personalizes(tmp_path, mo
     document["privacy"]["target"] = "L2"  # personalization on (the default)
     with open(uri, "w") as handle:
         yaml.safe_dump(document, handle)
-    monkeypatch.setattr(batch, "run_request", lambda uri, root, stages, **kwargs: events.append(stages[0]))
+    monkeypatch.setattr(batch, "run_request", lambda uri, root, stages, **kwargs: events.append(stages[0]) or {})
     batch.BatchRun(str(tmp_path / "out"), "tiny", 0, fleet=Fleet(), total=1).run_one(uri)
     assert events == ["sanitize", "room wanted", "personalize", "room given back", "expect", "synthesize", "forget",
                       "train"]
@@ -286,7 +287,9 @@ def test_gpu_shares_leave_room_beside_the_synthesis_replica(monkeypatch, tmp_pat
 
     assert cluster.synthesis_gpu_share(gpus) == synthesis
     monkeypatch.setattr(cluster, "cluster_gpus", lambda: gpus)
-    monkeypatch.setattr("spinml_ray.fleet.JobBoard", types.SimpleNamespace(remote=lambda: None))  # no Ray here
+    no_ray = types.SimpleNamespace(remote=lambda: None)  # no Ray here: the board is never called
+    monkeypatch.setattr("spinml_ray.fleet.JobBoard", types.SimpleNamespace(options=lambda **_: no_ray))
+    monkeypatch.setattr("spinml_ray.fleet.on_this_node", lambda: None)
     fleet = batch.training_fleet(cluster_cpus=16, concurrent=8, storage_root=str(tmp_path))
     if not gpus:
         assert not fleet.use_gpu

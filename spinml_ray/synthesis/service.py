@@ -72,6 +72,7 @@ class DiffusionDeployment:
     def __init__(self, model: str = "tiny", controlnet: Optional[str] = None, max_adapters: int = 8):
         self.engine = DiffusionEngine(model, controlnet, max_adapters=max_adapters + 1)
         self.generating = 0  # images in the batch being generated now
+        self.queued = 0  # images in this replica: waiting for a batch or being generated
 
     def reconfigure(self, config: dict) -> None:
         """`user_config`: {"max_batch_size": int, "batch_wait_timeout_s": float}; applied live."""
@@ -119,9 +120,15 @@ class DiffusionDeployment:
         return results
 
     async def generate(self, item: WorkItem) -> GeneratedImage:
-        if item.adapter:
-            await self.get_adapter(item.adapter)
-        result = await self.generate_batch(item)
+        self.queued += 1
+        metrics.record("spinml_diffusion_queue_depth", self.queued)
+        try:
+            if item.adapter:
+                await self.get_adapter(item.adapter)
+            result = await self.generate_batch(item)
+        finally:
+            self.queued -= 1
+            metrics.record("spinml_diffusion_queue_depth", self.queued)
         if isinstance(result, Exception):
             raise result
         return result
@@ -267,7 +274,7 @@ class SynthesisAPI:
 
     def _admit(self, images: int) -> None:
         self.pending += images
-        metrics.record("spinml_diffusion_queue_depth", self.pending)
+        metrics.record("spinml_api_pending_images", self.pending)
 
     async def _stream(self, request_id: str, items: list[WorkItem], tasks: list):
         """NDJSON, one line per image as it is stored (or fails), then a summary line. A caller that
@@ -324,12 +331,24 @@ class SynthesisAppArgs(BaseModel):
 
 
 def app_builder(args: SynthesisAppArgs) -> serve.Application:
-    """The synthesis application from its arguments, as Ray's `serve run`/`serve deploy` build it."""
+    """The synthesis application from its arguments, as Ray's `serve run`/`serve deploy` build it.
+
+    Without `gpus_per_replica` the share follows the cluster's GPUs; `serve run` builds the application
+    before it connects to Ray, and then this machine's GPUs decide (set the argument to choose)."""
+    import ray
+
     from spinml_ray.cluster import cluster_gpus, synthesis_gpu_share
 
     options = args.model_dump()
     if options["gpus_per_replica"] is None:
-        options["gpus_per_replica"] = synthesis_gpu_share(cluster_gpus())
+        if ray.is_initialized():
+            gpus = cluster_gpus()
+        else:
+            import torch
+
+            gpus = torch.cuda.device_count()
+            log.info("not connected to Ray yet: the replica's GPU share follows this machine's %d GPU(s)", gpus)
+        options["gpus_per_replica"] = synthesis_gpu_share(gpus)
     return build_app(**options)
 
 
