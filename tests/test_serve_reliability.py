@@ -79,8 +79,23 @@ def _replica_actor_names(app: str) -> list[str]:
             if a["namespace"] == "serve" and f"{app}#DiffusionDeployment#" in a["name"]]
 
 
-def test_killing_a_replica_mid_batch_fails_clearly_and_a_retry_completes(ray_cluster, synthesis, http_port, tmp_path):
+def _kill_replica_mid_batch(app: str, caller: threading.Thread) -> str:
+    """Start `caller`, wait until the app's one replica generates its batch, kill it; its actor name."""
     import ray
+    from ray import serve
+
+    [name] = _replica_actor_names(app)
+    caller.start()
+    replica = serve.get_deployment_handle("DiffusionDeployment", app_name=app)
+    deadline = time.time() + 120
+    while replica.info.remote().result()["generating"] == 0:  # until the batch is being generated
+        assert time.time() < deadline and caller.is_alive(), "the batch never started"
+        time.sleep(0.1)
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    return name
+
+
+def test_killing_a_replica_mid_batch_fails_clearly_and_a_retry_completes(ray_cluster, synthesis, http_port, tmp_path):
     from ray import serve
 
     root = str(tmp_path / "store")
@@ -90,14 +105,7 @@ def test_killing_a_replica_mid_batch_fails_clearly_and_a_retry_completes(ray_clu
     result: dict = {}
     caller = threading.Thread(target=lambda: result.update(r=requests.post(url, json=body, headers=AUTH, timeout=300)))
     try:
-        [name] = _replica_actor_names("kill")
-        caller.start()
-        replica = serve.get_deployment_handle("DiffusionDeployment", app_name="kill")
-        deadline = time.time() + 120
-        while replica.info.remote().result()["generating"] == 0:  # until the batch is being generated
-            assert time.time() < deadline and caller.is_alive(), "the batch never started"
-            time.sleep(0.1)
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        name = _kill_replica_mid_batch("kill", caller)
         caller.join(timeout=300)
         response = result["r"]
         assert response.status_code == 500 and "generation failed" in response.text  # fails, and says why
@@ -154,7 +162,6 @@ def test_a_requests_adapter_is_applied_to_its_own_images_only(synthesis, lora_ad
 def test_images_whose_replica_is_killed_mid_batch_are_sent_again_and_all_arrive(ray_cluster, synthesis, tmp_path):
     """The synthesize stage's calls survive the loss of the replica they went to (as with its node):
     `stages.synthesize.generate` sends them again once Serve has started a new replica."""
-    import ray
     from ray import serve
 
     from spinml_ray.stages.synthesize import generate
@@ -167,13 +174,7 @@ def test_images_whose_replica_is_killed_mid_batch_are_sent_again_and_all_arrive(
     outcome: dict = {}
     caller = threading.Thread(target=lambda: outcome.update(result=generate(handle, items)))
     try:
-        [name] = _replica_actor_names("resend")
-        caller.start()
-        deadline = time.time() + 120
-        while handle.info.remote().result()["generating"] == 0:  # until its batch is being generated
-            assert time.time() < deadline and caller.is_alive(), "the batch never started"
-            time.sleep(0.1)
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        name = _kill_replica_mid_batch("resend", caller)
         caller.join(timeout=600)
         assert not caller.is_alive()
         images, resent = outcome["result"]
