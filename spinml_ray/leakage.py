@@ -222,6 +222,7 @@ def object_leakage(
     canny_low: float = 100,
     canny_high: float = 200,
     released_rgb: np.ndarray | None = None,
+    about_rgb: np.ndarray | None = None,
 ) -> float:
     """Normalised MI leakage ``MI(shared, object) / MI(raw, raw)`` of one object at ``level``.
 
@@ -234,6 +235,9 @@ def object_leakage(
     ``released_rgb`` (L2 only) is what is actually released when it differs from the object
     image (e.g. faces blurred); the shared representation is then that image, letterboxed.
     Without it (or when it equals the object image) the value is the artifact's.
+
+    ``about_rgb`` measures what the object's release tells about *another* object of the image
+    (cross-object MI, e.g. the target's edges about the background): ``MI(shared, about) / MI(raw, raw)``.
     """
     if level not in LEVELS:
         raise ValueError(f"unknown privacy level {level!r}; expected one of {LEVELS}")
@@ -248,4 +252,4 @@ def object_leakage(
         shared = letterbox(released_rgb)
     else:
         shared = _shared_representation(object_lb, level, canny_low, canny_high)
-    return mutual_information(shared, object_lb) / raw_mi
+    return mutual_information(shared, object_lb if about_rgb is None else letterbox(about_rgb)) / raw_mi
