@@ -25,7 +25,7 @@ Counter = Callable[[int, int], None]
 
 
 class ProgressRelay:
-    """Counts reported by Ray workers, kept until the driver takes them (a Ray actor, see `relay`)."""
+    """Counts reported by Ray workers, kept until the driver takes them (a Ray actor: `Progress.reporter`)."""
 
     def __init__(self):
         self.latest: dict[tuple[str, str], tuple[int, int]] = {}
@@ -88,6 +88,8 @@ class Progress:
 
     def stage(self, request: str, stage: str, state: str) -> None:
         """A stage started ("running") or ended ("done", "failed", "skipped ...")."""
+        if state != "running" and self.relay is not None:
+            self._drain()  # the workers' last counts first, so the end line shows them
         with self.lock:
             done, total = self.counts.get((request, stage), (0, None))
             if self.display is not None:
@@ -151,16 +153,20 @@ class Progress:
             self.tasks[(request, stage)] = self.display.add_task(f"{request} {stage}", total=total,
                                                                  unit=UNITS.get(stage, ""))
 
-    def _poll(self) -> None:
+    def _drain(self) -> bool:
+        """Show what the relay holds; False once the relay (or Ray) is gone."""
         import ray
 
+        try:
+            latest = ray.get(self.relay.take.remote(), timeout=30)
+        except Exception:
+            return False
+        for (request, stage), (done, total) in latest.items():
+            self.update(request, stage, done, total)
+        return True
+
+    def _poll(self) -> None:
         while True:
             stopping = self.stopped.wait(self.poll_s)
-            try:
-                latest = ray.get(self.relay.take.remote(), timeout=30)
-            except Exception:  # the relay or Ray is gone: nothing more to show
-                return
-            for (request, stage), (done, total) in latest.items():
-                self.update(request, stage, done, total)
-            if stopping:
+            if not self._drain() or stopping:
                 return

@@ -64,6 +64,8 @@ def test_ray_job_submit_runs_the_example_request(tmp_path, head_node):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "succeeded" in result.stdout + result.stderr
+    for line in ("demo/example-duck synthesize: done (16/16 images)", "demo/example-duck train: done (2/2 epochs)"):
+        assert line in result.stdout + result.stderr  # progress in the job's log, the workers' epochs included
     base = os.path.join(out, "demo", "example-duck")
     assert storage.read_manifest(os.path.join(base, "synthetic"))["images"] == 16
     metrics = storage.read_json(os.path.join(base, "model", "metrics.json"))
