@@ -125,25 +125,29 @@ class JobBoard:
 
     async def finish(self, slot: int, error: str | None) -> None:
         async with self.changed:
-            job_id, _ = self.running.pop(slot)
-            self.outcomes[job_id] = error
-            self._gauges()
-            self.changed.notify_all()
+            self._finish(slot, error)
+
+    def _finish(self, slot: int, error: str | None) -> None:  # with `changed` held
+        job_id, _ = self.running.pop(slot)
+        self.outcomes[job_id] = error
+        self._gauges()
+        self.changed.notify_all()
 
     async def fail_slot(self, slot: int, error: str, retry: bool = False) -> None:
         """The slot's run ended with its job unfinished: the job fails, or with `retry` (its worker's
         node was lost) goes back to the front of the queue, at most `RETRIES_AFTER_LOSS` times."""
-        if slot not in self.running:
-            return
-        job_id, config = self.running[slot]
-        if retry and self.retried.get(job_id, 0) < RETRIES_AFTER_LOSS:
-            async with self.changed:
-                self.retried[job_id] = self.retried.get(job_id, 0) + 1
-                del self.running[slot]
-                self.pending.insert(0, (job_id, config))
-                self.changed.notify_all()
-            return
-        await self.finish(slot, error)
+        async with self.changed:
+            if slot not in self.running:
+                return
+            job_id, config = self.running[slot]
+            if not (retry and self.retried.get(job_id, 0) < RETRIES_AFTER_LOSS):
+                self._finish(slot, error)
+                return
+            self.retried[job_id] = self.retried.get(job_id, 0) + 1
+            del self.running[slot]
+            self.pending.insert(0, (job_id, config))
+            self._gauges()
+            self.changed.notify_all()
 
     async def outcome(self, job_id: str) -> tuple[str | None, int]:
         """Wait for a job: (None when it trained, else its error; how often it was put back after a loss)."""

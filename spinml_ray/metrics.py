@@ -84,7 +84,7 @@ def record(name: str, value: float = 1.0, tenant: str | None = None, **labels: s
         metric = _metric(name)
         if name in TENANT_LABELLED and tenant_labels():
             labels["tenant"] = tenant or ""
-        tags = {key: str(value) for key, value in labels.items()}
+        tags = {key: str(label) for key, label in labels.items()}
         kind = NAMES[name][0]
         if kind == "counter":
             metric.inc(value, tags=tags)

@@ -68,8 +68,9 @@ def generate(handle, items: list[WorkItem], attempts: int = 3) -> tuple[list, in
             try:
                 outcomes[item.image_id] = response.result()
             except Exception as exc:
-                if attempt + 1 < attempts and lost_process(exc):
-                    log.warning("image %s: its replica was lost (%s); sending it again", item.image_id, lost_process(exc))
+                lost = lost_process(exc) if attempt + 1 < attempts else None
+                if lost:
+                    log.warning("image %s: its replica was lost (%s); sending it again", item.image_id, lost)
                     waiting.append(item)
                 else:
                     outcomes[item.image_id] = exc
