@@ -3,9 +3,9 @@
 For N small requests (each its own synthetic images: procedural duck scenes, two labels), the
 baseline runs `artifact_style_train.py` once per request, one process after another (as the SpinML
 artifact does); "sequential NHWC" is the same loop with the model laid out channels-last as the
-fleet's are, which separates the layout's gain from the fleet's own. The fleet runs `stages.train.run_train` for all N at once on a local Ray cluster
+fleet's are, which separates the layout's gain from the fleet's own. The fleet runs `ray_layer.train.run_train` for all N at once on a local Ray cluster
 through a `fleet.TrainingFleet` of min(N, `--max-concurrent`) slots, each with the cluster's CPUs
-divided among the slots (`batch.training_cpus`), or a GPU share on GPU machines. Both train
+divided among the slots (`resources.training_cpus`), or a GPU share on GPU machines. Both train
 MobileNetV2 with the same settings on the same images. The fleet's time includes each epoch's state
 written to storage, the final evaluation and the ONNX/TorchScript export (the baseline exports
 nothing); "cold" also includes starting the slots (about 9 s each here), "warm" starts them first,
@@ -76,9 +76,9 @@ def fleet(jobs, max_concurrent: int, root: str, warm: bool) -> float:
     starting its slots; `warm=True` starts them first (the steady state of a long-running job)."""
     import ray
 
-    from spinml_ray.batch import training_cpus
-    from spinml_ray.fleet import TrainingFleet
-    from spinml_ray.stages.train import run_train
+    from spinml_ray.ray_layer.fleet import TrainingFleet
+    from spinml_ray.ray_layer.train import run_train
+    from spinml_ray.resources import training_cpus
 
     concurrent = min(len(jobs), max_concurrent)
     cpus = training_cpus(ray.cluster_resources().get("CPU", 1), concurrent)
@@ -106,7 +106,7 @@ def main() -> None:
                 "image_size": args.image_size}
     import ray
 
-    from spinml_ray.cluster import connect
+    from spinml_ray.ray_layer.cluster import connect
 
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()

@@ -33,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import yaml  # noqa: E402
 
-STAGES = ("sanitize", "personalize", "synthesize", "train")
+from spinml_ray.ray_layer.pipeline import STAGE_NAMES as STAGES  # noqa: E402
+
 # The actors doing each stage's work: the worker node holding one of them is the one killed.
 STAGE_ACTORS = {"sanitize": "SanitizeWorker", "personalize": "RayTrainWorker",
                 "synthesize": "DiffusionDeployment", "train": "RayTrainWorker"}
@@ -79,7 +80,7 @@ def statuses(root: str) -> dict[str, dict]:
 def check_outputs(root: str, requests: list[str]) -> list[str]:
     """What is wrong with the stored outputs (empty when every request is complete, once)."""
     from spinml_ray import storage
-    from spinml_ray.pipeline import request_paths
+    from spinml_ray.ray_layer.pipeline import request_paths
     from spinml_ray.spec import load_request
 
     problems = []
@@ -105,8 +106,8 @@ def scenario(stage: str | None, replace: bool, count: int, work: str) -> dict:
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
-    from spinml_ray.batch import run_batch
-    from spinml_ray.cluster import connect
+    from spinml_ray.ray_layer.batch import run_batch
+    from spinml_ray.ray_layer.cluster import connect
 
     node_args = {"node_ip_address": "127.0.0.1", "num_cpus": WORKER_CPUS}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",

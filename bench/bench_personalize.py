@@ -52,13 +52,15 @@ def main() -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from spinml_ray.stages.personalize import personalize_loop
+    from spinml_ray.personalization import AdapterJob
+    from spinml_ray.ray_layer.personalize import personalize_loop
 
     ray.init(num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
-            config = {"model": "tiny", "settings": settings, "instance": crops, "class_images": [],
-                      "out": os.path.join(tmp, f"adapter{workers}"), "state_uri": os.path.join(tmp, f"state{workers}.pt")}
+            config = {"job": AdapterJob(model="tiny", settings=settings, instance=crops, class_images=[],
+                                        out=os.path.join(tmp, f"adapter{workers}"),
+                                        state_uri=os.path.join(tmp, f"state{workers}.pt"))}
             started = time.perf_counter()
             result = TorchTrainer(
                 personalize_loop, train_loop_config=config,

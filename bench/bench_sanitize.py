@@ -47,7 +47,7 @@ def main() -> None:
     size = tuple(int(v) for v in args.size.split(","))
     import ray
 
-    from spinml_ray.stages.sanitize import run_sanitize
+    from spinml_ray.ray_layer.sanitize import run_sanitize
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = make_request(os.path.join(tmp, "refs"), args.images, size)

@@ -53,7 +53,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from spinml_ray.synthesis.service import build_app, submit
+    from spinml_ray.ray_layer.service import build_app, submit
 
     engine = DiffusionEngine("tiny")
     engine.generate(work[: args.batch])  # warm-up

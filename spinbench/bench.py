@@ -2,7 +2,7 @@
 
 `run_benchmark` writes the user's world once (references with exact masks, a real test set), then
 one request document per (configuration, alpha, seed) in the same folder, and a manifest; runs them
-all with the batch job (`spinml_ray.batch.run_batch`: sanitize on Ray Data, personalize with Ray
+all with the batch job (`spinml_ray.ray_layer.batch.run_batch`: sanitize on Ray Data, personalize with Ray
 Train for L2 targets, synthesize on Ray Serve, train in the fleet, evaluate on the real test set);
 and gathers, per configuration, the accuracy per seed (mean, sd, per state), the MI released per
 object (the sanitizer's meter, mean over references), the images generated and the seconds per stage.
@@ -22,10 +22,10 @@ import yaml
 
 from spinbench.baselines import BASELINES, Training, run_baseline
 from spinbench.world import STATES, make_user, request_document, user_samples, write_user_request
+from spinml_ray.ray_layer.pipeline import STAGE_NAMES as STAGES
 
 CONFIGS = ("L0_L0", "L1_L0", "L0_L1", "L1_L1", "L2_L0", "L2_L2")
 ALPHA_CONFIG = "L2_L0"  # where the mixing fraction alpha is swept
-STAGES = ("sanitize", "personalize", "synthesize", "train")
 
 
 @dataclass(frozen=True)
@@ -203,8 +203,8 @@ def run_benchmark(user_seed: int, out_dir: str, runs: list[Run], model: str = "s
                   personalization: dict | None = None, references_per_state: int = 4, test_per_state: int = 25,
                   baseline_images: int = 256, max_concurrent: int | None = None) -> dict:
     """Run `runs` for one user through the batch job; write results.json, results.md and accuracy.png."""
-    from spinml_ray.batch import list_requests, run_batch
-    from spinml_ray.cluster import connect
+    from spinml_ray.ray_layer.batch import list_requests, run_batch
+    from spinml_ray.ray_layer.cluster import connect
 
     os.makedirs(out_dir, exist_ok=True)
     synthesis = {"images_per_label": 32, "resolution": 64, "steps": 20, "guidance": 3.0, "scheduler": "dpmsolver++",

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from spinml_ray.bundle import BadReference
 from spinml_ray.images import ImageError
+from spinml_ray.ray_layer.pipeline import STAGE_NAMES, STAGES
 from spinml_ray.spec import SpecError
 
 DEFAULT_STORAGE = os.environ.get("SPINML_STORAGE", "spinml-data")
@@ -47,13 +48,7 @@ def _gpu_share(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("run", "run every stage of a request"),
-        ("sanitize", "stage 1: sanitize the references (Ray Data); or --preview / --local without Ray"),
-        ("personalize", "stage 1b: DreamBooth-LoRA adapter for an L2 target (Ray Train)"),
-        ("synthesize", "stage 2: generate synthetic images (Ray Serve)"),
-        ("train", "stage 3: train and evaluate the specialized model (Ray Train)"),
-    ):
+    for name, help_text in (("run", "run every stage of a request"), *((s.name, s.help) for s in STAGES)):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("request", nargs="?" if name == "sanitize" else None, help="request YAML/JSON: local path or s3:// URI")
         p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root, local path or s3://bucket/prefix "
@@ -117,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 def _sanitize_here(args, parser) -> dict:
     """--local and --preview: sanitize in this process and write the bundle/preview to --out."""
     from spinml_ray.bundle import reference_items, sanitize_all, write_bundle
+    from spinml_ray.models.source import sam_loader
     from spinml_ray.preview import write_preview
     from spinml_ray.segmentation import LazySegmenter
     from spinml_ray.spec import SanitizationSpec, load_request
@@ -142,7 +138,7 @@ def _sanitize_here(args, parser) -> dict:
             raise SpecError(f"{args.request}: carries an already sanitized bundle; nothing to preview")
         items, settings = reference_items(spec), spec.sanitization
         target, background = spec.privacy.target.value, spec.privacy.background.value
-    rows, rejections = sanitize_all(items, target, background, settings, LazySegmenter(args.model, args.sam))
+    rows, rejections = sanitize_all(items, target, background, settings, LazySegmenter(sam_loader(args.model, args.sam)))
     png, page = write_preview(rows, args.out, rejections)
     result = {"preview": [png, page], "released_rows": len(rows), "rejected": rejections}
     if args.local:
@@ -156,22 +152,19 @@ def _serve(args) -> int:
     """Deploy the synthesis app on the cluster and keep it up (until Ctrl-C, or detached)."""
     import time
 
-    from ray import serve
-
-    from spinml_ray.cluster import connect
-    from spinml_ray.synthesis.service import APP_NAME, ROUTE_PREFIX, SynthesisAppArgs, app_builder
+    from spinml_ray.ray_layer.cluster import connect
+    from spinml_ray.ray_layer.service import ROUTE_PREFIX, SynthesisAppArgs, deploy, undeploy
 
     connect(args.address, num_cpus=args.num_cpus)
-    serve.start(http_options={"host": args.host, "port": args.http_port})
     autoscaling = None
     if args.autoscale:
         autoscaling = {"min_replicas": args.autoscale[0], "max_replicas": args.autoscale[1],
                        "target_ongoing_requests": 2 * args.max_batch_size}
-    app = app_builder(SynthesisAppArgs(
+    deploy(SynthesisAppArgs(
         model=args.model, controlnet=args.controlnet, storage_root=args.storage, num_replicas=args.replicas,
         gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_s, autoscaling=autoscaling, max_pending_images=args.max_pending_images))
-    serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX)
+        batch_wait_timeout_s=args.batch_wait_s, autoscaling=autoscaling, max_pending_images=args.max_pending_images),
+        args.host, args.http_port)
     print(f"synthesis API: http://{args.host}:{args.http_port}{ROUTE_PREFIX}/v1/generate (GET {ROUTE_PREFIX}/healthz)")
     if args.detach:
         return 0
@@ -179,13 +172,13 @@ def _serve(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete(APP_NAME)
+        undeploy()
     return 0
 
 
 def _batch(args, progress) -> int:
-    from spinml_ray.batch import format_summary, list_requests, run_batch
-    from spinml_ray.cluster import connect
+    from spinml_ray.ray_layer.batch import format_summary, list_requests, run_batch
+    from spinml_ray.ray_layer.cluster import connect
 
     try:
         requests = list_requests(args.manifest)
@@ -218,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def _progress(args):
     """Live progress on a terminal for commands that run stages; log lines elsewhere (and for the rest)."""
-    from spinml_ray.progress import Progress
+    from spinml_ray.ray_layer.progress import Progress
 
-    shows_stages = args.command in ("run", "batch", "personalize", "synthesize", "train") or (
+    shows_stages = args.command in ("run", "batch", *STAGE_NAMES[1:]) or (
         args.command == "sanitize" and not (args.local or args.preview))
     progress = Progress(live=None if shows_stages else False)
     logging.basicConfig(level=logging.INFO, handlers=[progress.log_handler()],  # rich shows time and level itself
@@ -237,7 +230,7 @@ def _command(args, parser, progress) -> int:
 
         print(write_example(args.out_dir))
         return 0
-    from spinml_ray.stages import StageError
+    from spinml_ray.errors import StageError
 
     if args.command == "serve":
         return _serve(args)
@@ -249,8 +242,8 @@ def _command(args, parser, progress) -> int:
             return 0
         if args.request is None:
             parser.error(f"{args.command} needs REQUEST")
-        from spinml_ray.cluster import connect
-        from spinml_ray.pipeline import STAGES, run_request
+        from spinml_ray.ray_layer.cluster import connect
+        from spinml_ray.ray_layer.pipeline import run_request
         from spinml_ray.spec import load_request
 
         load_request(args.request)  # bad input fails here, before any cluster starts
@@ -261,7 +254,7 @@ def _command(args, parser, progress) -> int:
             model=args.model,
             controlnet=getattr(args, "controlnet", None),
             sam=getattr(args, "sam", None),
-            stages=STAGES if args.command == "run" else (args.command,),
+            stages=STAGE_NAMES if args.command == "run" else (args.command,),
             keep_serving=getattr(args, "keep_serving", False),
             http_port=getattr(args, "http_port", 8000),
             progress=progress,

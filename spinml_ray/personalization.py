@@ -1,7 +1,8 @@
 """DreamBooth-LoRA personalization of the diffusion model on a user's released (L2) target crops.
 
-Plain PyTorch + diffusers + peft, no Ray: `stages/personalize.py` runs `LoraTrainer` inside Ray Train
-workers; the benchmark runs it in one process. The recipe follows DreamBooth's published practice,
+Plain PyTorch + diffusers + peft, no Ray: `train_adapter` is the whole training (resume, checkpoints,
+the adapter's files) as a function a unit test runs in one process; `ray_layer/personalize.py` runs it
+inside Ray Train workers. The recipe follows DreamBooth's published practice,
 as LoRA: an identifier token ("sks") before the class noun, LoRA on the UNet's attention projections
 (optionally the text encoder's), the epsilon-prediction MSE loss, and a prior-preservation loss on
 images of the plain class made by the base model, weighted by `prior_loss_weight`.
@@ -14,17 +15,25 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from spinml_ray import storage
 from spinml_ray.images import decode_png, encode_png
+from spinml_ray.training import resume
+from spinml_ray.training.loop import Workers, unwrapped
 
 ADAPTER_CONFIG = "adapter.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+STATE_FILE = "lora_state.pt"
 
 
 def target_crops(rows: list[dict]) -> list[bytes]:
@@ -167,3 +176,76 @@ class LoraTrainer:
         with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as handle:
             json.dump({"token": self.settings["token"], "class_noun": self.settings["class_noun"],
                        "steps": self.step, "settings": self.settings}, handle, indent=2, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class AdapterJob:
+    """One request's adapter training. Its identity (what a stored state must match to be resumed) is
+    `settings` and the inputs; the rest belongs to one run."""
+
+    model: str  # the model source
+    settings: dict  # `ray_layer.personalize.settings_for`: the request's personalization settings
+    instance: list[bytes]  # the released L2 target crops
+    class_images: list[bytes]  # prior-preservation images of the plain class
+    out: str  # where the adapter's files go
+    state_uri: str  # the newest training state, for resuming
+    progress: Callable[[int, int], None] | None = None  # (done, total) steps, called on rank 0
+    fault: resume.Fault | None = None  # fault injection for resilience tests
+
+    def key(self) -> str:
+        return resume.state_key(self.settings, *self.instance, *self.class_images)
+
+
+def train_adapter(job: AdapterJob, workers: Workers = Workers()) -> dict:
+    """LoRA steps from the job's stored state, a checkpoint every `checkpoint_every` steps (reported
+    through `workers.report`, also kept at `job.state_uri`); rank 0 writes the adapter to `job.out` at the
+    end. Reported metrics: step, loss, initial and (last) final loss, the step resumed from, steps/s;
+returns the last of them."""
+    from spinml_ray.models.source import resolve
+
+    settings = job.settings
+    trainer = LoraTrainer(resolve(job.model), {**settings, "seed": settings["seed"] + workers.rank},
+                          job.instance, job.class_images, device=workers.device)
+    if workers.world_size > 1:
+        trainer.unet = workers.prepare_model(trainer.unet, move_to_device=False)
+    optimizer = torch.optim.AdamW(trainer.trainable(), lr=settings["learning_rate"])
+    initial_loss, resumed_from = None, 0
+    state = resume.latest_state(job.state_uri, job.key(), workers.device, workers.checkpoint)
+    if state:
+        original, trainer.unet = trainer.unet, unwrapped(trainer.unet)
+        trainer.load_lora_state(state["lora"])
+        trainer.unet = original
+        optimizer.load_state_dict(state["optimizer"])
+        trainer.step = resumed_from = state["step"]
+        trainer.rng.bit_generator.state = state["rng"]
+        trainer.generator.set_state(state["generator"])
+        initial_loss = state["initial_loss"]
+    if initial_loss is None:
+        initial_loss = trainer.fixed_loss()
+    started, first_step, metrics = time.perf_counter(), trainer.step, {}
+    while trainer.step < settings["steps"]:
+        resume.die_if_armed(job.fault, trainer.step, workers.rank)
+        loss = trainer.train_step(optimizer)
+        last = trainer.step == settings["steps"]
+        if workers.rank == 0 and job.progress is not None:
+            job.progress(trainer.step, settings["steps"])
+        if trainer.step % settings["checkpoint_every"] and not last:
+            continue
+        metrics = {"step": trainer.step, "loss": loss, "initial_loss": initial_loss, "resumed_from": resumed_from}
+        saved = None
+        if workers.rank == 0:
+            plain_unet, trainer.unet = trainer.unet, unwrapped(trainer.unet)
+            if last:
+                metrics["steps_per_s"] = (trainer.step - first_step) / (time.perf_counter() - started)
+                metrics["final_loss"] = trainer.fixed_loss()
+                with tempfile.TemporaryDirectory() as tmp:
+                    trainer.save_adapter(tmp)
+                    storage.upload_dir(tmp, job.out)
+            saved = resume.save_state({"lora": trainer.lora_state(), "optimizer": optimizer.state_dict(),
+                                       "step": trainer.step, "rng": trainer.rng.bit_generator.state,
+                                       "generator": trainer.generator.get_state(), "initial_loss": initial_loss},
+                                      job.key(), job.state_uri)
+            trainer.unet = plain_unet
+        if workers.report is not None:
+            workers.report(metrics, saved and {STATE_FILE: saved})
+    return metrics

@@ -1,9 +1,10 @@
 """Finding the target in a reference: SAM (segment-anything) prompted by a box, points, or nothing.
 
 A SAM checkpoint lives in a folder with `sam.json` ({"arch": "vit_b"|"vit_l"|"vit_h"|"tiny",
-"checkpoint": FILE}); model sources keep it in their `sam/` subfolder (the `tiny` preset builds one in
-code from segment-anything's own classes, random weights). The real and the tiny model load through
-the same `load_sam`.
+"checkpoint": FILE}); model sources keep it in their `sam/` subfolder (the `tiny` preset writes one
+from `build_tiny_sam`: segment-anything's own classes, shrunk, random weights). The real and the tiny
+model load through the same `load_sam`. This module knows nothing of model sources: `LazySegmenter`
+is handed a loader that finds the SAM folder (`models.source.sam_loader`).
 
 Rules:
 - box prompt: SAM's single best mask for the box, clipped to the box (the box says where the target is);
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -31,7 +33,8 @@ class SegmentationError(ValueError):
     """SAM could not produce a usable target mask for a reference."""
 
 
-def _build_tiny(checkpoint: str | None = None):
+def build_tiny_sam(checkpoint: str | None = None):
+    """The tiny SAM architecture (segment-anything's own classes, shrunk), with `checkpoint`'s weights if given."""
     import torch
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
@@ -62,17 +65,6 @@ def _build_tiny(checkpoint: str | None = None):
     return sam
 
 
-def write_tiny_sam(out_dir: str, seed: int = 0) -> str:
-    import torch
-
-    torch.manual_seed(seed)
-    os.makedirs(out_dir, exist_ok=True)
-    torch.save(_build_tiny().state_dict(), os.path.join(out_dir, "sam_tiny.pth"))
-    with open(os.path.join(out_dir, SAM_CONFIG), "w") as handle:
-        json.dump({"arch": "tiny", "checkpoint": "sam_tiny.pth"}, handle)
-    return out_dir
-
-
 def load_sam(sam_dir: str, device: str | None = None):
     """The SAM model described by `{sam_dir}/sam.json`, on `device` (GPU when available)."""
     import torch
@@ -85,7 +77,7 @@ def load_sam(sam_dir: str, device: str | None = None):
         config = json.load(handle)
     arch, checkpoint = config.get("arch"), os.path.join(sam_dir, config.get("checkpoint", ""))
     if arch == "tiny":
-        sam = _build_tiny(checkpoint)
+        sam = build_tiny_sam(checkpoint)
     elif arch in ("vit_b", "vit_l", "vit_h"):
         sam = sam_model_registry[arch](checkpoint=checkpoint)
     else:
@@ -164,24 +156,25 @@ class Segmenter:
 
 
 class LazySegmenter:
-    """The SAM of a model source (or an explicit SAM source), resolved and loaded on first need.
+    """A SAM found and loaded on first need: `loader` is a zero-argument callable returning the SAM
+    folder or None (`models.source.sam_loader(model, sam)` makes a picklable one).
 
-    `available` is False when neither names a SAM folder; callers then fall back to boxes. Nothing is
+    `available` is False when the loader finds no SAM folder; callers then fall back to boxes. Nothing is
     resolved (or built, for `tiny`) until a reference without a mask asks for it."""
 
     _UNRESOLVED = object()
 
-    def __init__(self, model: str = "tiny", sam: str | None = None):
-        self.model, self.sam = model, sam
+    def __init__(self, loader: Callable[[], str | None]):
+        if not callable(loader):
+            raise TypeError(f"LazySegmenter takes a loader (a callable returning the SAM folder), not {loader!r}")
+        self.loader = loader
         self._sam_dir = self._UNRESOLVED
         self._segmenter: Segmenter | None = None
 
     @property
     def sam_dir(self) -> str | None:
         if self._sam_dir is self._UNRESOLVED:
-            from spinml_ray.models.source import resolve_sam
-
-            self._sam_dir = resolve_sam(self.model, self.sam)
+            self._sam_dir = self.loader()
         return self._sam_dir
 
     @property

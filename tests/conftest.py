@@ -2,8 +2,8 @@
 
 import os
 import secrets
-import tempfile
 import socket
+import tempfile
 
 import pytest
 
@@ -86,7 +86,7 @@ def ray_cluster(s3_server):
     import ray
     from ray import serve
 
-    from spinml_ray.cluster import connect
+    from spinml_ray.ray_layer.cluster import connect
 
     # Set on this "node" before Ray starts, as a platform sets it on `ray start`: workers inherit it.
     os.environ["SPINML_API_TOKENS"] = f"demo-token:demo,other-token:other,{CANARY_TOKEN}:canary"
@@ -110,7 +110,7 @@ def synthesis_storage(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthesis(ray_cluster, http_port, synthesis_storage):
     """The synthesis app, deployed once and shared by the tests (as a platform would run it)."""
-    from spinml_ray.synthesis.service import ensure_running
+    from spinml_ray.ray_layer.service import ensure_running
 
     handle, _ = ensure_running("tiny", http_port=http_port, storage_root=synthesis_storage)
     return handle

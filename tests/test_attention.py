@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from standins import DiscSam, SubjectSam, box_iou
 
 from spinml_ray.autolabel import attention_prompt, trusted_boxes
-from spinml_ray.images import decode_png, encode_png
-from spinml_ray.segmentation import LazySegmenter
+from spinml_ray.examples import make_scene
+from spinml_ray.images import box_of_mask, decode_png, encode_png
+from spinml_ray.models.source import sam_loader
+from spinml_ray.segmentation import MIN_PREDICTED_IOU, LazySegmenter
 from spinml_ray.synthesis.attention import CrossAttentionRecorder, encode_map, recording, token_positions
 from spinml_ray.synthesis.engine import DiffusionEngine
 from spinml_ray.synthesis.workitems import WorkItem
-
 
 # ---------------------------------------------------------------- tokens
 
@@ -141,26 +144,10 @@ def test_attention_prompt_is_the_peak_and_the_box_around_it():
     assert attention_prompt(np.zeros((16, 16)), (64, 64)) is None
 
 
-class _FakeSam:
-    """SAM's two uses: a disc around the first point with a set score; automatic masks never asked."""
-
-    def __init__(self, score, radius=8, offset=0):
-        self.score, self.radius, self.offset, self.prompts = score, radius, offset, []
-
-    def prompted(self, image, box=None, points=None):
-        self.prompts.append((box, points))
-        ys, xs = np.mgrid[0 : image.shape[0], 0 : image.shape[1]]
-        x, y = points[0][0] + self.offset, points[0][1]
-        return (xs - x) ** 2 + (ys - y) ** 2 <= self.radius**2, self.score
-
-    def __call__(self, image):
-        raise AssertionError("rows with an attention map are not segmented unprompted")
-
-
 def test_attention_prompts_sam_and_its_gate_keeps_only_confident_masks_on_the_peak():
     image = encode_png(np.zeros((64, 64, 3), np.uint8))
     row = {"image_id": "a", "box": None, "image": image, "attention": encode_map(_blob((8, 8)))}
-    sam = _FakeSam(score=0.95)
+    sam = DiscSam(score=0.95)
     boxes, counts = trusted_boxes([row], sam)
     assert counts == {"geometry": 0, "autolabel": 1, "left_out": 0}
     (box, points), = sam.prompts
@@ -168,42 +155,103 @@ def test_attention_prompts_sam_and_its_gate_keeps_only_confident_masks_on_the_pe
     assert 30 <= x <= 36 and 30 <= y <= 36 and box[0] < x < box[2]  # the map's peak, upsampled
     assert boxes["a"] == pytest.approx([x - 8, y - 8, x + 9, y + 9])  # the box of SAM's mask
 
-    assert trusted_boxes([row], _FakeSam(score=0.5))[1]["left_out"] == 1  # SAM is unsure
-    assert trusted_boxes([row], _FakeSam(score=0.95, offset=20))[1]["left_out"] == 1  # misses the peak
-    assert trusted_boxes([row], _FakeSam(score=0.95, radius=1))[1]["left_out"] == 1  # a speck
+    for refused, why in ((DiscSam(score=0.5), "SAM is unsure"), (DiscSam(score=0.95, offset=20), "misses the peak"),
+                         (DiscSam(score=0.95, radius=1), "a speck")):
+        assert trusted_boxes([row], refused) == ({}, {"geometry": 0, "autolabel": 0, "left_out": 1}), why
+        assert refused.prompts == sam.prompts, why  # SAM was asked, with the same prompt; the gate refused it
     flat = {**row, "attention": encode_map(np.zeros((8, 8)))}
-    assert trusted_boxes([flat], _FakeSam(score=0.95))[1]["left_out"] == 1  # the subject was not drawn
+    unasked = DiscSam(score=0.95)
+    assert trusted_boxes([flat], unasked) == ({}, {"geometry": 0, "autolabel": 0, "left_out": 1})
+    assert unasked.prompts == []  # the subject was not drawn: nothing to prompt SAM with
 
 
-def test_tiny_sam_answers_an_attention_prompt(model_cache):
+def _drawn(seed: int, label: str = "floating"):
+    """(image, true mask, attention map): a 64x64 scene and an 8x8 map (the tiny UNet's grid) that is
+    highest where the subject is, as a diffusion model's attention to the subject's words is."""
+    image, mask = make_scene(label, seed, size=(64, 64))
+    return image, mask, encode_map(cv2.resize(mask.astype(np.float32), (8, 8), interpolation=cv2.INTER_AREA))
+
+
+def test_attention_prompted_sam_boxes_the_subject_where_the_model_drew_it():
+    drawn = [_drawn(40 + i, ("floating", "resting")[i % 2]) for i in range(4)]
+    rows = [{"image_id": str(i), "box": None, "image": encode_png(image), "attention": heat}
+            for i, (image, _, heat) in enumerate(drawn[:3])]
+    elsewhere = np.zeros((8, 8))
+    elsewhere[7, 0] = 1.0  # the map's peak in a corner, on the background: SAM's subject does not cover it
+    rows.append({"image_id": "elsewhere", "box": None, "image": encode_png(drawn[3][0]), "attention": encode_map(elsewhere)})
+    sam = SubjectSam([(image, mask) for image, mask, _ in drawn])
+    boxes, counts = trusted_boxes(rows, sam)
+    assert len(sam.prompts) == 4 and sam.unprompted == 0  # every map prompted SAM; nothing went unprompted
+    assert counts == {"geometry": 0, "autolabel": 3, "left_out": 1} and set(boxes) == {"0", "1", "2"}
+    for i, (_, mask, _) in enumerate(drawn[:3]):
+        truth = box_of_mask(mask)
+        (prompt_box, (point,)) = sam.prompts[i]
+        assert mask[int(point[1]), int(point[0])]  # the attention peak lies on the subject ...
+        assert box_iou(prompt_box, truth) > 0.7  # ... and the box around it is roughly the subject's
+        assert boxes[str(i)] == truth  # the box is SAM's mask's: the subject's own
+
+    unsure = SubjectSam([(image, mask) for image, mask, _ in drawn], score=MIN_PREDICTED_IOU - 0.01)
+    assert trusted_boxes(rows, unsure) == ({}, {"geometry": 0, "autolabel": 0, "left_out": 4})
+    assert len(unsure.prompts) == 4
+
+
+class _CountingSegmenter(LazySegmenter):
+    """The model source's own SAM, recording the score of each prompted answer."""
+
+    def __init__(self, loader):
+        super().__init__(loader)
+        self.scores = []
+
+    def prompted(self, image, box=None, points=None):
+        mask, score = super().prompted(image, box=box, points=points)
+        self.scores.append(score)
+        return mask, score
+
+
+def test_tiny_sam_answers_an_attention_prompt_below_the_gate(model_cache):
+    """The preset's SAM has seeded random weights: it answers a prompt with an image-sized mask, and its
+    own score of that mask is far below the gate, so the labeller leaves the image out."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    mask, score = LazySegmenter("tiny").prompted(image, box=[8.0, 8.0, 40.0, 40.0], points=[[20.0, 20.0]])
-    assert mask.shape == (64, 64) and mask.dtype == bool and np.isfinite(score)
+    mask, score = LazySegmenter(sam_loader("tiny")).prompted(image, box=[8.0, 8.0, 40.0, 40.0], points=[[20.0, 20.0]])
+    assert mask.shape == (64, 64) and mask.dtype == bool and 0.0 <= score < MIN_PREDICTED_IOU
     row = {"image_id": "a", "box": None, "image": encode_png(image), "attention": encode_map(_blob((5, 5)))}
-    boxes, counts = trusted_boxes([row], LazySegmenter("tiny"))
-    assert counts["autolabel"] + counts["left_out"] == 1 and len(boxes) == counts["autolabel"]
+    sam = _CountingSegmenter(sam_loader("tiny"))
+    boxes, counts = trusted_boxes([row], sam)
+    assert len(sam.scores) == 1 and sam.scores[0] < MIN_PREDICTED_IOU  # SAM was prompted, and unsure
+    assert boxes == {} and counts == {"geometry": 0, "autolabel": 0, "left_out": 1}
 
 
 def test_training_stage_hands_the_stored_maps_to_the_labeller(tmp_path, monkeypatch):
+    """`label_synthetic` (the Ray task's function, called here in this process) reads the committed
+    table and gives the model source's SAM each stored map as its prompt."""
     import pyarrow as pa
 
     from spinml_ray import segmentation, storage
-    from spinml_ray.stages.train import label_synthetic
+    from spinml_ray.ray_layer.train import label_synthetic
 
-    sam = _FakeSam(score=0.95)
-    sam.available = True
-    monkeypatch.setattr(segmentation, "LazySegmenter", lambda model: sam)
-    image = encode_png(np.zeros((64, 64, 3), np.uint8))
-    rows = [{"image_id": "geo", "box": [1.0, 2.0, 3.0, 4.0], "attention": None, "image": image},
-            {"image_id": "drawn", "box": None, "attention": encode_map(_blob((8, 8))), "image": image}]
-    directory = str(tmp_path / "synthetic")
-    for name, table in (("new", pa.Table.from_pylist(rows)), ("old", pa.Table.from_pylist(rows).drop(["attention"]))):
-        part = storage.part_uri(directory + name)
-        storage.write_table(part, table)
-        storage.commit(directory + name, [part])
-    boxes, counts = label_synthetic(directory + "new", "tiny")
-    assert set(boxes) == {"geo", "drawn"} and counts == {"geometry": 1, "autolabel": 1, "left_out": 0}
-    assert len(sam.prompts) == 1  # the stored map became SAM's prompt
-    with pytest.raises(AssertionError, match="unprompted"):  # a table from before maps: SAM unprompted
-        label_synthetic(directory + "old", "tiny")
+    image, mask, heat = _drawn(41)
+    rows = [{"image_id": "geo", "box": [1.0, 2.0, 3.0, 4.0], "attention": None, "image": encode_png(image)},
+            {"image_id": "drawn", "box": None, "attention": heat, "image": encode_png(image)}]
+    truth = {"geo": [1.0, 2.0, 3.0, 4.0], "drawn": box_of_mask(mask)}
+
+    def label(name, sam, drop=()):
+        directory = str(tmp_path / name)
+        part = storage.part_uri(directory)
+        storage.write_table(part, pa.Table.from_pylist(rows).drop(list(drop)))
+        storage.commit(directory, [part])
+        monkeypatch.setattr(segmentation, "LazySegmenter", lambda loader: sam)
+        return label_synthetic(directory, "tiny")
+
+    sam = SubjectSam([(image, mask)])
+    assert label("new", sam) == (truth, {"geometry": 1, "autolabel": 1, "left_out": 0})
+    assert len(sam.prompts) == 1 and sam.unprompted == 0  # the stored map became SAM's prompt
+
+    sam = SubjectSam([(image, mask)])  # a table from before maps: SAM unprompted
+    assert label("old", sam, drop=("attention",)) == (truth, {"geometry": 1, "autolabel": 1, "left_out": 0})
+    assert sam.unprompted == 1 and sam.prompts == []
+
+    sam = SubjectSam([(image, mask)])
+    sam.available = False  # a model source without SAM: the image without a box is left out
+    assert label("no-sam", sam) == ({"geo": truth["geo"]}, {"geometry": 1, "autolabel": 0, "left_out": 1})
+    assert sam.unprompted == 0 and sam.prompts == []

@@ -21,7 +21,7 @@ def _variant(example_dir, name, **changes):
 
 
 def test_a_manifest_of_mixed_requests_and_its_rerun(tmp_path, synthesis, http_port):
-    from spinml_ray.batch import format_summary, list_requests, run_batch
+    from spinml_ray.ray_layer.batch import format_summary, list_requests, run_batch
 
     example = str(tmp_path / "requests")
     write_example(example)
@@ -81,8 +81,8 @@ def test_a_lost_job_board_fails_only_training_and_the_driver_still_writes_true_s
 
     import ray
 
-    import spinml_ray.batch as batch_module
-    from spinml_ray.batch import run_batch
+    import spinml_ray.ray_layer.batch as batch_module
+    from spinml_ray.ray_layer.batch import run_batch
 
     fleets = []
     make_fleet = batch_module.training_fleet

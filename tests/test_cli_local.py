@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import EXAMPLE_REQUEST, REPO
 from PIL import Image
 
-from conftest import EXAMPLE_REQUEST, REPO
 from spinml_ray import storage
 from spinml_ray.bundle import reference_items, sanitize_all
 from spinml_ray.cli import main
@@ -329,13 +329,13 @@ def test_bad_gpu_share_for_the_synthesis_service_is_a_usage_error(share, capsys)
 def test_every_stage_subcommand_passes_its_model_source_on(command, monkeypatch):
     """`spinml train --model X` trains with X's classifier weights like the other stages use X (it used
     to have no --model and silently used the default)."""
-    import spinml_ray.cluster
-    import spinml_ray.pipeline
+    import spinml_ray.ray_layer.cluster
+    import spinml_ray.ray_layer.pipeline
 
     seen = {}
-    monkeypatch.setattr(spinml_ray.cluster, "connect", lambda *a, **k: None)
-    monkeypatch.setattr(spinml_ray.pipeline, "run_request",
+    monkeypatch.setattr(spinml_ray.ray_layer.cluster, "connect", lambda *a, **k: None)
+    monkeypatch.setattr(spinml_ray.ray_layer.pipeline, "run_request",
                         lambda request, root, **kw: seen.update(kw) or {"output": root})
     assert main([command, EXAMPLE_REQUEST, "--storage", "unused", "--model", "some/model"]) == 0
     assert seen["model"] == "some/model"
-    assert seen["stages"] == (spinml_ray.pipeline.STAGES if command == "run" else (command,))
+    assert seen["stages"] == (spinml_ray.ray_layer.pipeline.STAGE_NAMES if command == "run" else (command,))

@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from standins import SubjectSam
 
 from spinml_ray.autolabel import trusted_boxes
 from spinml_ray.examples import make_scene
 from spinml_ray.images import box_of_mask, encode_png
+from spinml_ray.models.source import sam_loader
 from spinml_ray.segmentation import LazySegmenter, SegmentationError
 from spinml_ray.training import detector
 from spinml_ray.training.export import detector_to_onnx, detector_to_torchscript, onnx_detections
@@ -58,8 +60,10 @@ def test_trusted_boxes_keeps_geometry_and_gates_the_autolabeller():
     speck = np.zeros((32, 32), bool)
     speck[0, 0] = True
     answers = {"b": good, "c": speck}
+    asked = []
 
     def segment(array):
+        asked.append(segment.current)
         answer = answers[segment.current]
         if answer is None:
             raise SegmentationError("nothing")
@@ -77,6 +81,7 @@ def test_trusted_boxes_keeps_geometry_and_gates_the_autolabeller():
             yield row
 
     boxes, counts = trusted_boxes(rows_in_turn(), segment)
+    assert asked == ["b", "c", "d"]  # SAM is asked about every image without a box, and only those
     assert boxes == {"a": [1.0, 2.0, 3.0, 4.0], "b": [4.0, 8.0, 16.0, 20.0]}
     assert counts == {"geometry": 1, "autolabel": 1, "left_out": 2}  # a speck and nothing are left out
 
@@ -84,16 +89,44 @@ def test_trusted_boxes_keeps_geometry_and_gates_the_autolabeller():
     assert set(boxes) == {"a"} and counts == {"geometry": 1, "autolabel": 0, "left_out": 3}
 
 
-def test_tiny_sam_autolabeller_runs_and_accounts_for_every_image(model_cache):
+def test_a_confident_sam_boxes_each_drawn_subject_unprompted():
+    """Images without a box or an attention map: SAM's automatic masks, through the size gate, give
+    the box of the subject drawn in each image."""
+    drawn = [make_scene(("floating", "resting")[i % 2], 300 + i, size=(64, 64)) for i in range(3)]
+    rows = [{"image_id": "geo", "box": [1.0, 2.0, 30.0, 40.0], "image": encode_png(drawn[0][0])}]
+    rows += [{"image_id": str(i), "box": None, "image": encode_png(image)} for i, (image, _) in enumerate(drawn)]
+    sam = SubjectSam(drawn)
+    boxes, counts = trusted_boxes(rows, sam)
+    assert sam.unprompted == 3 and sam.prompts == []  # the unprompted path, once per image without a box
+    assert counts == {"geometry": 1, "autolabel": 3, "left_out": 0}
+    assert boxes["geo"] == [1.0, 2.0, 30.0, 40.0]
+    for i, (_, mask) in enumerate(drawn):
+        assert boxes[str(i)] == box_of_mask(mask)  # exactly the drawn subject's box
+
+    huge = SubjectSam([(image, np.ones(mask.shape, bool)) for image, mask in drawn])  # SAM took the whole frame
+    assert trusted_boxes(rows, huge) == ({"geo": [1.0, 2.0, 30.0, 40.0]}, {"geometry": 1, "autolabel": 0, "left_out": 3})
+    assert huge.unprompted == 3
+
+
+def test_the_tiny_sam_is_asked_and_never_passes_the_gate(model_cache):
+    """The preset's SAM (seeded random weights) runs its automatic masks on every image; none is scored
+    as good (predicted IoU >= 0.88), so every image is left out, none boxed by chance."""
     images, _, _ = scenes(3)
     rows = [{"image_id": str(i), "box": None, "image": data} for i, data in enumerate(images)]
-    segmenter = LazySegmenter("tiny")
+    segmenter = LazySegmenter(sam_loader("tiny"))
     assert segmenter.available
+    generated = []
+    automatic = segmenter.loaded.automatic
+    real_generate = automatic.generate
+
+    def generate(image):
+        generated.append(real_generate(image))
+        return generated[-1]
+
+    automatic.generate = generate
     boxes, counts = trusted_boxes(rows, segmenter)
-    assert counts["geometry"] == 0 and counts["autolabel"] + counts["left_out"] == 3
-    assert len(boxes) == counts["autolabel"]
-    for box in boxes.values():
-        assert 0 <= box[0] < box[2] <= 64 and 0 <= box[1] < box[3] <= 64
+    assert len(generated) == 3 and generated == [[], [], []]  # asked each time; no mask passed SAM's own thresholds
+    assert boxes == {} and counts == {"geometry": 0, "autolabel": 0, "left_out": 3}
 
 
 # ---------------------------------------------------------------- detector and mAP
@@ -165,15 +198,15 @@ def test_load_test_set_reads_images_boxes_and_labels(tmp_path):
     assert len(images) == 2 and boxes == [[[1.0, 2.0, 30.0, 20.0]], []] and labels == [[0], []]
 
 
-@pytest.mark.parametrize("boxes, problem", [
-    (None, "boxes.json: a detection test set needs"),
-    ("{not json", "not valid JSON"),
-    ({"floating/0.png": [[1, 2, 30, 20]]}, "no entry for 'resting/0.png'"),
-    ({"floating/0.png": [[30, 2, 1, 20]], "resting/0.png": []}, "'floating/0.png' = [[30, 2, 1, 20]]"),
+@pytest.mark.parametrize("boxes, error, problem", [
+    (None, FileNotFoundError, "boxes.json: a detection test set needs"),
+    ("{not json", ValueError, "not valid JSON"),
+    ({"floating/0.png": [[1, 2, 30, 20]]}, ValueError, "no entry for 'resting/0.png'"),
+    ({"floating/0.png": [[30, 2, 1, 20]], "resting/0.png": []}, ValueError, "'floating/0.png' = [[30, 2, 1, 20]]"),
 ])
-def test_bad_detection_test_sets_are_named(tmp_path, boxes, problem):
+def test_bad_detection_test_sets_are_named(tmp_path, boxes, error, problem):
     write_test_set(tmp_path, boxes)
-    with pytest.raises((ValueError, FileNotFoundError)) as info:
+    with pytest.raises(error) as info:
         detector.load_test_set(str(tmp_path), ["floating", "resting"])
     assert problem in str(info.value)
 

@@ -7,24 +7,25 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from standins import DiscSam
 
 from spinml_ray import storage
+from spinml_ray.errors import StageError
 from spinml_ray.examples import write_example
 from spinml_ray.images import decode_png
-from spinml_ray.stages import StageError
 from spinml_ray.training.detector import build_detector
 
 pytestmark = pytest.mark.cluster
 
 
 def run(request_uri, out, http_port):
-    from spinml_ray.pipeline import run_request
+    from spinml_ray.ray_layer.pipeline import run_request
 
     return run_request(request_uri, out, model="tiny", stages=("sanitize", "synthesize", "train"),
                        http_port=http_port, keep_serving=True)
 
 
-def test_detection_request_trains_on_geometry_boxes_and_reports_map(tmp_path, synthesis, http_port):
+def test_detection_request_trains_on_geometry_boxes_and_reports_map(tmp_path, synthesis, http_port, monkeypatch):
     write_example(str(tmp_path / "request"))
     out = str(tmp_path / "out")
     run(str(tmp_path / "request" / "detection.yaml"), out, http_port)
@@ -50,9 +51,28 @@ def test_detection_request_trains_on_geometry_boxes_and_reports_map(tmp_path, sy
     assert metrics["task"] == "detection" and metrics["evaluated_on"] == "real test set" and metrics["n"] == 8
     # the tiny preset's random SAM is never confident enough for the attention-prompted labeller's gate
     assert metrics["boxes"] == {"geometry": 12, "autolabel": 0, "left_out": 4}
+    # the test set has boxes of both labels, so every figure is a number (None only for a label absent)
     for key in ("map", "map_50", "map_75"):
-        assert metrics[key] is None or 0.0 <= metrics[key] <= 1.0
-    assert len(metrics["per_label_map"]) == 2
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    assert len(metrics["per_label_map"]) == 2 and all(0.0 <= v <= 1.0 for v in metrics["per_label_map"])
+
+    # The labeller's task, run here in this process on the same committed table with a SAM confident
+    # enough for the gate: the maps this synthesis stored prompt it, and the L0_L0 images get its boxes.
+    from spinml_ray import segmentation
+    from spinml_ray.ray_layer.train import label_synthetic
+
+    sam = DiscSam(score=0.95)
+    monkeypatch.setattr(segmentation, "LazySegmenter", lambda loader: sam)
+    boxes, counts = label_synthetic(os.path.join(base, "synthetic"), "tiny")
+    assert counts == {"geometry": 12, "autolabel": 4, "left_out": 0} and len(sam.prompts) == 4
+    for row in synthetic:
+        if row["pool"] != "L0_L0":
+            assert boxes[row["image_id"]] == pytest.approx(row["box"])
+    for prompt_box, ((x, y),) in sam.prompts:  # each prompt: the map's peak, inside the box around it
+        assert 0 <= x < 64 and 0 <= y < 64 and prompt_box[0] <= x < prompt_box[2] and prompt_box[1] <= y < prompt_box[3]
+    autolabelled = [boxes[r["image_id"]] for r in synthetic if r["pool"] == "L0_L0"]
+    assert sorted(autolabelled) == sorted(
+        [max(0.0, x - 8), max(0.0, y - 8), min(64.0, x + 9), min(64.0, y + 9)] for _, ((x, y),) in sam.prompts)
 
     assert sorted(storage.read_manifest(model_dir)["files"]) == [
         "metrics.json", "model.onnx", "model.pt", "model.torchscript.pt", "settings.json"]

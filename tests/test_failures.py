@@ -6,9 +6,9 @@ import asyncio
 import pytest
 from ray.exceptions import ActorDiedError, NodeDiedError, RayTaskError, WorkerCrashedError
 
-from spinml_ray.cluster import failure_reason, lost_process
-from spinml_ray.stages import StageError
-from spinml_ray.stages.synthesize import generate
+from spinml_ray.errors import StageError
+from spinml_ray.ray_layer.cluster import failure_reason, lost_process
+from spinml_ray.ray_layer.synthesize import generate
 from spinml_ray.synthesis.workitems import WorkItem
 
 
@@ -101,13 +101,13 @@ def test_retries_are_bounded_and_other_errors_are_not_retried():
 
 def _board():
     """The fleet's job board as a plain object (the class under Ray's actor wrapper)."""
-    from spinml_ray.fleet import JobBoard
+    from spinml_ray.ray_layer.fleet import JobBoard
 
     return JobBoard.__ray_metadata__.modified_class()
 
 
 def test_a_job_whose_slot_was_lost_goes_back_to_the_queue_a_bounded_number_of_times():
-    from spinml_ray.fleet import RETRIES_AFTER_LOSS
+    from spinml_ray.ray_layer.fleet import RETRIES_AFTER_LOSS
 
     async def scenario():
         board = _board()
@@ -153,7 +153,7 @@ def test_a_job_whose_slot_failed_otherwise_fails_at_once():
 
 
 def test_the_status_table_says_what_a_stage_did_again():
-    from spinml_ray.batch import format_summary, retried
+    from spinml_ray.ray_layer.batch import format_summary, retried
 
     assert retried({"images": 8, "resent": 0}) is None and retried({}) is None
     assert retried({"images": 8, "resent": 2}) == "2 image send(s) repeated after a lost replica"

@@ -8,17 +8,18 @@ import pytest
 import yaml
 
 from spinml_ray import storage
+from spinml_ray.errors import StageError
 from spinml_ray.examples import write_example
-from spinml_ray.stages import StageError
+from spinml_ray.training.job import RunOptions, TrainingJob
 
 pytestmark = pytest.mark.cluster
 
 
 def test_one_slot_trains_requests_in_turn_and_isolates_their_failures(tmp_path, synthesis, http_port):
-    from spinml_ray.fleet import TrainingFleet
-    from spinml_ray.pipeline import request_paths, run_request
+    from spinml_ray.ray_layer.fleet import TrainingFleet
+    from spinml_ray.ray_layer.pipeline import request_paths, run_request
+    from spinml_ray.ray_layer.train import run_train
     from spinml_ray.spec import load_request
-    from spinml_ray.stages.train import run_train
 
     folder = tmp_path / "request"
     document = yaml.safe_load(open(write_example(str(folder))))
@@ -66,7 +67,7 @@ def test_an_expected_job_keeps_its_slot_until_synthesis_ends(ray_cluster, tmp_pa
 
     import ray
 
-    from spinml_ray.fleet import TrainingFleet
+    from spinml_ray.ray_layer.fleet import TrainingFleet
 
     fleet = TrainingFleet(1, cpus_per_slot=1, runs_uri=str(tmp_path / "runs"), idle_s=2)
     try:
@@ -96,7 +97,7 @@ def test_idle_slots_leave_while_room_is_made_and_jobs_still_train(ray_cluster, t
 
     import ray
 
-    from spinml_ray.fleet import TrainingFleet
+    from spinml_ray.ray_layer.fleet import TrainingFleet
 
     fleet = TrainingFleet(1, cpus_per_slot=1, runs_uri=str(tmp_path / "runs"), idle_s=60)
 
@@ -114,7 +115,11 @@ def test_idle_slots_leave_while_room_is_made_and_jobs_still_train(ray_cluster, t
             fleet.expect("t/b")
             assert not fleet.live and fleet.starts == 1
             with pytest.raises(RuntimeError):  # the slot's error for this job, so a slot ran it
-                fleet.train("t/c", {"synthetic": str(tmp_path / "missing" / "synthetic")})
+                fleet.train("t/c", TrainingJob(
+                    task="classification", synthetic=str(tmp_path / "missing" / "synthetic"), model="tiny",
+                    architecture="resnet18", pretrained="none", num_classes=2, image_size=32, batch_size=4,
+                    learning_rate=1e-3, epochs=1, seed=0,
+                    run=RunOptions(state_uri=str(tmp_path / "state.pt"), best_uri=str(tmp_path / "best.pt"))))
             wait_until(lambda: not fleet.live, "the slot did not leave after its job")
         assert fleet.starts == 2
     finally:
@@ -127,7 +132,7 @@ def test_the_local_cluster_serves_the_state_api_and_listens_on_loopback_only(ray
     import psutil
     from ray.util.state import list_actors
 
-    from spinml_ray.fleet import JobBoard
+    from spinml_ray.ray_layer.fleet import JobBoard
 
     board = JobBoard.remote()
     ray_cluster.get(board.pending_count.remote())

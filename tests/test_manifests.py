@@ -15,7 +15,7 @@ manifest fails here with the offending field named rather than on a cluster.
   container opens the metrics port (8080, named metrics) that Prometheus scrapes.
 * kuberay/podmonitor.yaml: a strict subset of the Prometheus Operator's PodMonitor, whose selector picks
   the Ray pods of every KubeRay manifest here and whose endpoint is that port.
-* grafana/spinml.json: the dashboard charts every metric spinml_ray/metrics.py defines, by the name
+* grafana/spinml.json: the dashboard charts every metric spinml_ray/ray_layer/metrics.py defines, by the name
   Prometheus gives it (ray_ prefix, _total on counters, _bucket/_sum/_count on histograms), and no other.
 The negative tests break a loaded copy of each manifest and check that the error names the broken field.
 """
@@ -34,7 +34,17 @@ from typing import Annotated, Any, Literal, Optional, Union
 import jsonschema
 import pytest
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_VERSION = importlib.metadata.version("ray")
@@ -290,9 +300,9 @@ def _pod_labels(doc: dict):
 
 
 def validate_dashboard(doc: dict) -> None:
-    """The Grafana dashboard charts every metric in spinml_ray/metrics.py, by the name Prometheus gives it,
+    """The Grafana dashboard charts every metric in spinml_ray/ray_layer/metrics.py, by the name Prometheus gives it,
     and no other spinml metric; panels have unique ids and a templated Prometheus data source."""
-    from spinml_ray.metrics import NAMES
+    from spinml_ray.ray_layer.metrics import NAMES
 
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
     exported = {f"ray_{name}{suffix}": name for name, (kind, _, _) in NAMES.items() for suffix in suffixes[kind]}
@@ -329,7 +339,7 @@ def validate_serve_config(config: dict, at: str = "") -> None:
     """Ray's ServeDeploySchema, then what Ray cannot know: the builder, its args and deployment names."""
     from ray.serve.schema import ServeDeploySchema
 
-    from spinml_ray.synthesis import service
+    from spinml_ray.ray_layer import service
 
     prefix = f"{at}." if at else ""
     try:
@@ -338,8 +348,8 @@ def validate_serve_config(config: dict, at: str = "") -> None:
         raise ValueError(f"{at or 'serve config'}: {exc}") from None
     for i, app in enumerate(deploy.applications):
         field = f"{prefix}applications.{i}"
-        if app.import_path != "spinml_ray.synthesis.service:app_builder":
-            raise ValueError(f"{field}.import_path {app.import_path!r} is not spinml_ray.synthesis.service:app_builder")
+        if app.import_path != "spinml_ray.ray_layer.service:app_builder":
+            raise ValueError(f"{field}.import_path {app.import_path!r} is not spinml_ray.ray_layer.service:app_builder")
         if (app.name, app.route_prefix) != (service.APP_NAME, service.ROUTE_PREFIX):
             raise ValueError(f"{field}.name/route_prefix must be {service.APP_NAME!r} and {service.ROUTE_PREFIX!r}, "
                              "which the batch job and the docs use")
@@ -490,7 +500,7 @@ def test_manifest_is_valid(name, edits):
     pytest.param(J, f"{JHEAD}.image", "rayproject/ray:2.60.0-py311-gpu", f"{JHEAD}.image", id="job-image-mismatch"),
     pytest.param(J, "spec.entrypoint", "python jobs/no_such_job.py --storage s3://B/x", ("spec.entrypoint", "jobs/no_such_job.py"), id="job-missing-script"),
     pytest.param(J, "spec.entrypoint", "python -m spinml_ray.cli run", "spec.entrypoint", id="job-entrypoint-without-script"),
-    pytest.param(V, "applications.0.import_path", "spinml_ray.synthesis.service:build", "applications.0.import_path", id="serve-import-path"),
+    pytest.param(V, "applications.0.import_path", "spinml_ray.ray_layer.service:build", "applications.0.import_path", id="serve-import-path"),
     pytest.param(V, "applications.0.args.max_batch", 8, ("applications.0.args", "max_batch"), id="serve-unknown-arg"),
     pytest.param(V, "applications.0.args.max_batch_size", 0, ("applications.0.args", "max_batch_size"), id="serve-bad-arg"),
     pytest.param(V, "applications.0.deployments.0.name", "Diffusion", "applications.0.deployments.0.name", id="serve-unknown-deployment"),
@@ -499,7 +509,7 @@ def test_manifest_is_valid(name, edits):
     pytest.param(S, "spec.serveConfig", "{}", "spec.serveConfig", id="service-misspelled-field"),
     pytest.param(S, "spec.serveConfigV2", "applications: [", "spec.serveConfigV2", id="service-config-not-yaml"),
     pytest.param(S, "spec.serveConfigV2", "applications:\n  - {name: spinml-synthesis, route_prefix: /spinml,\n"
-                 "     import_path: spinml_ray.synthesis.service:app_builder, args: {modle: tiny}}\n",
+                 "     import_path: spinml_ray.ray_layer.service:app_builder, args: {modle: tiny}}\n",
                  ("spec.serveConfigV2.applications.0.args", "modle"), id="service-config-bad-arg"),
     pytest.param(S, "spec.rayClusterConfig.rayVersion", "2.59.0", "spec.rayClusterConfig.rayVersion", id="service-ray-version"),
     pytest.param(C, f"{GPU}.ports", DROP, ("spec.workerGroupSpecs.1.template.spec.containers.0.ports", "'metrics'"),
@@ -552,7 +562,7 @@ def test_the_application_builds_before_ray_is_connected():
     import subprocess
     import sys
 
-    script = ("import ray\nfrom spinml_ray.synthesis.service import SynthesisAppArgs, app_builder\n"
+    script = ("import ray\nfrom spinml_ray.ray_layer.service import SynthesisAppArgs, app_builder\n"
               "app = app_builder(SynthesisAppArgs(model='tiny', storage_root='/tmp/spinml'))\n"
               "assert not ray.is_initialized(), 'the builder connected to Ray'\n"
               "print(type(app).__name__)\n")

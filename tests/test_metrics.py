@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spinml_ray import metrics
+from spinml_ray.ray_layer import metrics
 
 
 def test_rejection_reasons_fall_into_their_categories():

@@ -57,7 +57,7 @@ def _delta(after: dict, before: dict, name: str, **labels) -> float:
 
 
 def test_a_batch_moves_the_counters_by_what_it_did(tmp_path, synthesis, http_port):
-    from spinml_ray.batch import run_batch
+    from spinml_ray.ray_layer.batch import run_batch
 
     example = str(tmp_path / "requests")
     write_example(example)

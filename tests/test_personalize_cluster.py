@@ -11,7 +11,7 @@ from spinml_ray import storage
 from spinml_ray.examples import make_scene
 from spinml_ray.images import encode_png
 from spinml_ray.personalization import LORA_WEIGHTS
-from spinml_ray.pipeline import request_paths
+from spinml_ray.ray_layer.pipeline import request_paths
 from spinml_ray.spec import load_request
 
 pytestmark = pytest.mark.cluster
@@ -38,13 +38,13 @@ def _request(folder, request_id, target="L2", seed=0, steps=12):
 
 
 def _run(uri, root, http_port, stages):
-    from spinml_ray.pipeline import run_request
+    from spinml_ray.ray_layer.pipeline import run_request
 
     return run_request(uri, root, stages=stages, http_port=http_port, keep_serving=True)
 
 
 def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path, synthesis, http_port):
-    from spinml_ray.stages.personalize import run_personalize
+    from spinml_ray.ray_layer.personalize import run_personalize
 
     uri = _request(tmp_path / "req", "resume")
     root = str(tmp_path / "out")
@@ -75,7 +75,7 @@ def test_requests_without_an_l2_target_never_start_the_stage(tmp_path, synthesis
 
 
 def test_adapters_of_two_requests_train_side_by_side(tmp_path, synthesis, http_port):
-    from spinml_ray.stages.personalize import run_personalize
+    from spinml_ray.ray_layer.personalize import run_personalize
 
     root = str(tmp_path / "out")
     specs = []
@@ -98,8 +98,8 @@ def test_adapters_of_two_requests_train_side_by_side(tmp_path, synthesis, http_p
 
 
 def test_an_out_of_memory_adapter_fails_with_the_settings_to_lower(tmp_path, synthesis, http_port):
-    from spinml_ray.stages import StageError
-    from spinml_ray.stages.personalize import run_personalize
+    from spinml_ray.errors import StageError
+    from spinml_ray.ray_layer.personalize import run_personalize
 
     uri = _request(tmp_path / "req", "lora-too-big", steps=3)
     root = str(tmp_path / "out")

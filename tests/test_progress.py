@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from spinml_ray.progress import Progress, ProgressRelay, Reporter
+from spinml_ray.ray_layer.progress import Progress, ProgressRelay, Reporter
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -24,11 +24,11 @@ def _drive(progress: Progress, total: int = 20) -> None:
 
 def test_off_a_terminal_progress_is_a_few_log_lines(caplog):
     stream = io.StringIO()  # not a terminal: a pipe, a Ray job log
-    caplog.set_level(logging.INFO, logger="spinml_ray.progress")
+    caplog.set_level(logging.INFO, logger="spinml_ray.ray_layer.progress")
     with Progress(stream) as progress:
         assert not progress.live
         _drive(progress, total=200)
-    lines = [r.getMessage() for r in caplog.records if r.name == "spinml_ray.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "spinml_ray.ray_layer.progress"]
     counts = [line for line in lines if line.startswith("demo/duck synthesize: ") and "/200 images" in line
               and "running" not in line and "done" not in line]
     assert 10 <= len(counts) <= 11  # one per tenth of the work, not one per image
@@ -73,7 +73,7 @@ def test_on_a_terminal_progress_draws_bars_and_logs_above_them(caplog):
     assert "demo/duck train: failed" in text and "1/2" in text and "epochs" in text
     assert "━" in text  # a bar
     assert "a line from the job" in text
-    assert not [r for r in caplog.records if r.name == "spinml_ray.progress"]  # no log lines besides the bars
+    assert not [r for r in caplog.records if r.name == "spinml_ray.ray_layer.progress"]  # no log lines besides the bars
 
 
 def test_a_forced_live_display_writes_to_its_stream_not_the_log(caplog):
@@ -82,11 +82,11 @@ def test_a_forced_live_display_writes_to_its_stream_not_the_log(caplog):
             return True
 
     stream = Terminal()
-    caplog.set_level(logging.INFO, logger="spinml_ray.progress")
+    caplog.set_level(logging.INFO, logger="spinml_ray.ray_layer.progress")
     with Progress(stream) as progress:
         _drive(progress)
     assert "20/20" in ANSI.sub("", stream.getvalue())
-    assert not [r for r in caplog.records if r.name == "spinml_ray.progress"]
+    assert not [r for r in caplog.records if r.name == "spinml_ray.ray_layer.progress"]
 
 
 def test_workers_counts_reach_the_display_through_the_relay():
@@ -117,7 +117,7 @@ def test_a_lost_relay_never_fails_the_stage():
 
 @pytest.mark.parametrize("stage", ["sanitize", "personalize", "synthesize", "train"])
 def test_every_stage_has_a_unit(stage, caplog):
-    caplog.set_level(logging.INFO, logger="spinml_ray.progress")
+    caplog.set_level(logging.INFO, logger="spinml_ray.ray_layer.progress")
     with Progress(io.StringIO()) as progress:
         progress.update("t/r", stage, 1, 1)
     assert re.fullmatch(r"t/r \w+: 1/1 \w+", caplog.records[-1].getMessage())

@@ -14,7 +14,8 @@ from PIL import Image
 from spinml_ray.bundle import BadReference, sanitize_all, sanitize_reference
 from spinml_ray.examples import make_scene
 from spinml_ray.images import decode_png
-from spinml_ray.models.source import resolve_sam
+from spinml_ray.models.source import resolve_sam, sam_loader
+from spinml_ray.models.tiny import write_tiny_sam
 from spinml_ray.segmentation import (
     MAX_AUTOMATIC_FRACTION,
     LazySegmenter,
@@ -22,7 +23,6 @@ from spinml_ray.segmentation import (
     Segmenter,
     load_sam,
     pick_automatic_mask,
-    write_tiny_sam,
 )
 from spinml_ray.spec import SanitizationSpec
 
@@ -257,7 +257,7 @@ def test_automatic_path_finding_nothing_raises(segmenter, scene, monkeypatch):
 
 def test_lazy_segmenter_loads_sam_on_first_call(tiny_sam_dir, scene):
     image, _ = scene
-    lazy = LazySegmenter("tiny")
+    lazy = LazySegmenter(sam_loader("tiny"))
     assert lazy.available is True
     assert lazy.sam_dir == tiny_sam_dir
     assert lazy._segmenter is None
@@ -271,8 +271,17 @@ def test_lazy_segmenter_loads_sam_on_first_call(tiny_sam_dir, scene):
 
 def test_lazy_segmenter_with_an_explicit_sam(tmp_path):
     sam_dir = write_tiny_sam(str(tmp_path / "my-sam"), seed=3)
-    lazy = LazySegmenter(str(no_sam_model(tmp_path / "model")), sam=sam_dir)
+    lazy = LazySegmenter(sam_loader(str(no_sam_model(tmp_path / "model")), sam_dir))
     assert lazy.available and lazy.sam_dir == os.path.abspath(sam_dir)
+
+
+def test_lazy_segmenter_calls_its_loader_once_and_only_when_asked():
+    calls = []
+    lazy = LazySegmenter(lambda: calls.append(1))
+    assert calls == []
+    assert lazy.available is False and lazy.sam_dir is None and calls == [1]
+    with pytest.raises(TypeError, match="loader"):
+        LazySegmenter("tiny")  # a model source is not a loader: `sam_loader("tiny")` is
 
 
 def no_sam_model(path) -> str:
@@ -290,7 +299,7 @@ def png_file(path, array) -> str:
 def test_without_sam_the_box_is_the_mask_only_when_allowed(tmp_path):
     model = no_sam_model(tmp_path / "model")
     assert resolve_sam(model) is None
-    lazy = LazySegmenter(model)
+    lazy = LazySegmenter(sam_loader(model))
     assert lazy.available is False
     image, _ = make_scene("resting", 9)
     uri = png_file(tmp_path / "ref.png", image)
@@ -308,7 +317,7 @@ def test_without_sam_the_box_is_the_mask_only_when_allowed(tmp_path):
 
 
 def test_without_sam_points_alone_are_refused(tmp_path):
-    lazy = LazySegmenter(no_sam_model(tmp_path / "model"))
+    lazy = LazySegmenter(sam_loader(no_sam_model(tmp_path / "model")))
     image, _ = make_scene("resting", 9)
     uri = png_file(tmp_path / "ref.png", image)
     item = {"ref_id": "ref-0000", "uri": uri, "label": None, "mask_uri": None, "box": None, "points": [[50, 40]]}

@@ -17,7 +17,7 @@ AUTH = {"Authorization": "Bearer demo-token"}
 def _deploy(name: str, root: str, **options):
     from ray import serve
 
-    from spinml_ray.synthesis.service import build_app
+    from spinml_ray.ray_layer.service import build_app
 
     serve.run(build_app("tiny", storage_root=root, **options), name=name, route_prefix=f"/{name}")
 
@@ -128,7 +128,7 @@ def test_killing_a_replica_mid_batch_fails_clearly_and_a_retry_completes(ray_clu
 def test_batching_settings_are_applied_through_user_config(ray_cluster, synthesis, tmp_path):
     from ray import serve
 
-    from spinml_ray.synthesis.service import build_app
+    from spinml_ray.ray_layer.service import build_app
 
     root = str(tmp_path / "store")
     serve.run(build_app("tiny", storage_root=root, max_batch_size=4), name="reconf", route_prefix="/reconf")
@@ -145,7 +145,7 @@ def test_batching_settings_are_applied_through_user_config(ray_cluster, synthesi
 
 def test_a_requests_adapter_is_applied_to_its_own_images_only(synthesis, lora_adapter):
     """Through Serve: items with and without an adapter, in flight together, batched on one replica."""
-    from spinml_ray.synthesis.service import submit
+    from spinml_ray.ray_layer.service import submit
     from spinml_ray.synthesis.workitems import WorkItem
 
     common = dict(request_id="r", tenant="t", label="a", pool="p", prompt="A photo of a duck", seed=7,
@@ -161,10 +161,10 @@ def test_a_requests_adapter_is_applied_to_its_own_images_only(synthesis, lora_ad
 
 def test_images_whose_replica_is_killed_mid_batch_are_sent_again_and_all_arrive(ray_cluster, synthesis, tmp_path):
     """The synthesize stage's calls survive the loss of the replica they went to (as with its node):
-    `stages.synthesize.generate` sends them again once Serve has started a new replica."""
+    `ray_layer.synthesize.generate` sends them again once Serve has started a new replica."""
     from ray import serve
 
-    from spinml_ray.stages.synthesize import generate
+    from spinml_ray.ray_layer.synthesize import generate
     from spinml_ray.synthesis.workitems import WorkItem
 
     _deploy("resend", str(tmp_path / "store"))

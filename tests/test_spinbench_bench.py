@@ -9,7 +9,7 @@ import pytest
 from spinbench import bench
 from spinbench.baselines import Training, copy_paste, fit_and_test, training_set
 from spinbench.world import STATES, make_user, render_room, user_samples
-from spinml_ray.batch import list_requests
+from spinml_ray.ray_layer.batch import list_requests
 from spinml_ray.sanitizer import release
 from spinml_ray.spec import Level, load_request
 

@@ -86,10 +86,10 @@ def test_image_folder_reads_only_label_folders(tmp_path):
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
 def test_exported_models_match_pytorch(arch):
     import io
-
     import warnings
 
-    from spinml_ray.training.export import export, onnx_logits
+    from spinml_ray.training import classifier
+    from spinml_ray.training.export import onnx_logits
 
     torch.manual_seed(0)
     model = build_model(arch, 3).eval()
@@ -98,7 +98,7 @@ def test_exported_models_match_pytorch(arch):
         expected = model(batch).numpy()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        onnx, torchscript = export("classification", model, 64)
+        onnx, torchscript = classifier.export(model, 64)
     assert not [w for w in caught if "torch.jit" in str(w.message)]  # no deprecation noise per model in the log
     assert np.allclose(onnx_logits(onnx, batch.numpy()), expected, atol=1e-4)  # any batch size
     scripted = torch.jit.load(io.BytesIO(torchscript))
@@ -168,17 +168,8 @@ def test_pretrained_auto_uses_torchvisions_cache_and_says_why_it_trains_from_scr
         build_model("resnet18", 4, str(tmp_path / "code.pth"))
 
 
-def test_training_cpus_share_the_cluster_among_concurrent_trainings():
-    from spinml_ray.batch import training_cpus
-
-    assert training_cpus(2, 1) == 2  # a lone training gets the whole machine
-    assert training_cpus(2, 2) == 1 and training_cpus(2, 16) == 1  # never below one CPU
-    assert training_cpus(16, 4, reserved=1) == 3
-    assert training_cpus(2, 1, reserved=1) == 1
-
-
 def test_out_of_memory_errors_are_recognised_through_wrapping():
-    from spinml_ray.stages.resume import IMPOSSIBLE_BYTES, is_out_of_memory
+    from spinml_ray.training.resume import IMPOSSIBLE_BYTES, is_out_of_memory
 
     with pytest.raises(RuntimeError) as info:
         torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8)  # what the injected fault does in a worker
@@ -189,8 +180,8 @@ def test_out_of_memory_errors_are_recognised_through_wrapping():
 
 
 def test_training_failures_name_the_request_and_for_memory_the_settings_to_lower():
-    from spinml_ray.stages import StageError
-    from spinml_ray.stages.resume import training_failure
+    from spinml_ray.errors import StageError
+    from spinml_ray.training.resume import training_failure
 
     wrapped = RuntimeError("Training failed due to worker errors:\n  ...\nRuntimeError: CUDA out of memory. "
                            "Tried to allocate 2.00 GiB")
@@ -203,8 +194,8 @@ def test_training_failures_name_the_request_and_for_memory_the_settings_to_lower
 
 @pytest.mark.parametrize("fails", [False, True])
 def test_batch_expects_training_during_synthesis_and_logs_progress(tmp_path, monkeypatch, caplog, fails):
-    from spinml_ray import batch
     from spinml_ray.examples import write_example
+    from spinml_ray.ray_layer import batch
 
     events = []
 
@@ -226,7 +217,7 @@ def test_batch_expects_training_during_synthesis_and_logs_progress(tmp_path, mon
 
     monkeypatch.setattr(batch, "run_request", run_request)
     run = batch.BatchRun(str(tmp_path / "out"), "tiny", 0, fleet=Fleet(), total=3)
-    with caplog.at_level(logging.INFO, logger="spinml_ray.batch"):
+    with caplog.at_level(logging.INFO, logger="spinml_ray.ray_layer.batch"):
         run.run_one(write_example(str(tmp_path / "request")))
     progress = [r.getMessage() for r in caplog.records]
     assert progress[0].startswith("[0/3 done, 0 failed] ") and progress[0].endswith(" running")
@@ -244,8 +235,8 @@ def test_batch_makes_room_in_the_fleet_while_a_request_personalizes(tmp_path, mo
 
     import yaml
 
-    from spinml_ray import batch
     from spinml_ray.examples import write_example
+    from spinml_ray.ray_layer import batch
 
     events = []
 
@@ -282,14 +273,15 @@ def test_gpu_shares_leave_room_beside_the_synthesis_replica(monkeypatch, tmp_pat
     personalization, 0.5 of a GPU) still fit beside it; slots never ask for more than is left."""
     import types
 
-    from spinml_ray import batch, cluster
+    from spinml_ray.ray_layer import batch, cluster
+    from spinml_ray.resources import synthesis_gpu_share
     from spinml_ray.spec import PersonalizationSpec, TrainingSpec
 
-    assert cluster.synthesis_gpu_share(gpus) == synthesis
+    assert synthesis_gpu_share(gpus) == synthesis
     monkeypatch.setattr(cluster, "cluster_gpus", lambda: gpus)
     no_ray = types.SimpleNamespace(remote=lambda: None)  # no Ray here: the board is never called
-    monkeypatch.setattr("spinml_ray.fleet.JobBoard", types.SimpleNamespace(options=lambda **_: no_ray))
-    monkeypatch.setattr("spinml_ray.fleet.on_this_node", lambda: None)
+    monkeypatch.setattr("spinml_ray.ray_layer.fleet.JobBoard", types.SimpleNamespace(options=lambda **_: no_ray))
+    monkeypatch.setattr("spinml_ray.ray_layer.fleet.on_this_node", lambda: None)
     fleet = batch.training_fleet(cluster_cpus=16, concurrent=8, storage_root=str(tmp_path))
     if not gpus:
         assert not fleet.use_gpu
@@ -302,20 +294,21 @@ def test_gpu_shares_leave_room_beside_the_synthesis_replica(monkeypatch, tmp_pat
 
 def test_batch_says_why_a_stage_is_skipped(tmp_path):
     from spinml_ray import storage
-    from spinml_ray.batch import _skipped
     from spinml_ray.examples import write_example
-    from spinml_ray.pipeline import request_paths
+    from spinml_ray.ray_layer.pipeline import request_paths, skipped, stage_named
     from spinml_ray.spec import load_request, parse_request
 
     spec = load_request(write_example(str(tmp_path / "request")))
     paths = request_paths(spec, str(tmp_path / "out"))
     l2 = parse_request({**spec.model_dump(mode="json"), "privacy": {"target": "L2", "background": "L0"}})
     off = parse_request({**l2.model_dump(mode="json"), "personalization": {"enabled": False}})
-    assert _skipped(spec, paths, "personalize") == "skipped (target released at L1, not L2)"
-    assert _skipped(off, paths, "personalize") == "skipped (personalization off)"
-    assert _skipped(l2, paths, "personalize") is None and _skipped(spec, paths, "sanitize") is None
+    assert skipped(stage_named("personalize"), spec, paths, resume=True) == "skipped (target released at L1, not L2)"
+    assert skipped(stage_named("personalize"), off, paths, resume=True) == "skipped (personalization off)"
+    assert skipped(stage_named("personalize"), l2, paths, resume=True) is None
+    assert skipped(stage_named("sanitize"), spec, paths, resume=True) is None
     storage.commit(paths.sanitized, [])
-    assert _skipped(spec, paths, "sanitize") == "done (already complete)"
+    assert skipped(stage_named("sanitize"), spec, paths, resume=True) == "done (already complete)"
+    assert skipped(stage_named("sanitize"), spec, paths, resume=False) is None  # `spinml run` repeats it
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18", "ssdlite320_mobilenet_v3_large"])

@@ -9,20 +9,25 @@ A source is one of:
 
 ControlNet weights are looked up in the source's `controlnet/` subfolder unless a separate
 ControlNet source is given (e.g. `lllyasviel/sd-controlnet-canny` beside a hub base model).
+The other parts (`sam/`, `classifiers/`, `detectors/`) are resolved alone: for an `s3://` source only
+the part's prefix is copied (into a cache entry of its own), never the diffusion weights beside it.
 The cache lives in `$SPINML_CACHE` (default `~/.cache/spinml`); entries are built in a temporary
 folder and renamed into place, so concurrent workers never see a half-built model.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
 import uuid
 
+import pyarrow.fs as pafs
+
 from spinml_ray import storage
-from spinml_ray.models.tiny import TINY_VERSION, build_tiny_pipeline
+from spinml_ray.models.tiny import TINY_VERSION, build_tiny_pipeline, write_tiny_sam
 
 TINY = "tiny"
 SPINBENCH = "spinbench"
@@ -49,6 +54,16 @@ def _build_once(final: str, build) -> str:
     return final
 
 
+def _s3_entry(prefix: str) -> str:
+    """The cache entry of an s3:// prefix: the same prefix always lands in the same entry."""
+    key = hashlib.sha256(prefix.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"s3-{key}")
+
+
+def _copy_s3(prefix: str) -> str:
+    return _build_once(_s3_entry(prefix), lambda tmp: storage.download_dir(prefix, tmp))
+
+
 def spinbench_weights_dir() -> str:
     """`weights/` of the spinbench package (installed with this project), found without importing it."""
     package = importlib.util.find_spec("spinbench").submodule_search_locations[0]
@@ -66,8 +81,7 @@ def resolve(source: str) -> str:
                              "run `make spinbench-model`")
         return path
     if storage.is_s3(source):
-        key = hashlib.sha256(source.rstrip("/").encode()).hexdigest()[:16]
-        return _build_once(os.path.join(cache_dir(), f"s3-{key}"), lambda tmp: storage.download_dir(source, tmp))
+        return _copy_s3(source)
     if os.path.isdir(source):
         if not os.path.exists(os.path.join(source, "model_index.json")) and not os.path.exists(
             os.path.join(source, "config.json")
@@ -88,18 +102,57 @@ def resolve_component(source: str) -> str:
     return os.path.abspath(source)
 
 
+def _folder(path: str) -> str | None:
+    return path if os.path.isdir(path) else None
+
+
+def _s3_part(base: str, name: str) -> str | None:
+    whole = _s3_entry(base)
+    if os.path.exists(os.path.join(whole, ".complete")):  # the whole model is on this node already
+        return _folder(os.path.join(whole, name))
+    prefix = storage.join(base, name)
+    fs, path = storage.filesystem(prefix)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    return _copy_s3(prefix)
+
+
+def _part(base: str, name: str) -> str | None:
+    """The base source's `{name}/` folder, fetched alone (never the diffusion weights), or None."""
+    if base == TINY:  # its SAM is built alone, without the diffusion model; it ships no other part
+        if name != "sam":
+            return None
+        return _build_once(os.path.join(cache_dir(), f"{TINY_VERSION}-sam"), write_tiny_sam)
+    if base == SPINBENCH:
+        return _folder(os.path.join(spinbench_weights_dir(), name))
+    if storage.is_s3(base):
+        return _s3_part(base, name)
+    if os.path.isdir(base):
+        return _folder(os.path.join(resolve(base), name))
+    resolve(base)  # a hub id (no parts of ours), or refused by name
+    return None
+
+
 def resolve_part(base: str, name: str, override: str | None = None) -> str | None:
-    """A model part (`controlnet`, `sam`): `override` when given (a ControlNet may also be a hub id),
-    else the base source's `{name}/` folder, else None (the part is missing)."""
+    """A model part (`controlnet`, `sam`, `classifiers`, `detectors`): `override` when given (a ControlNet
+    may also be a hub id), else the base source's `{name}/` folder, else None (the part is missing).
+    Only a ControlNet resolves the whole base model (its pipelines load it anyway)."""
     if override:
         return resolve(override) if name == "controlnet" else resolve_component(override)
-    candidate = os.path.join(resolve(base), name)
-    return candidate if os.path.isdir(candidate) else None
+    if name == "controlnet":
+        return _folder(os.path.join(resolve(base), name))
+    return _part(base, name)
 
 
 def resolve_sam(base: str, sam: str | None = None) -> str | None:
     """The folder holding SAM's `sam.json` and checkpoint, or None."""
     return resolve_part(base, "sam", sam)
+
+
+def sam_loader(base: str, sam: str | None = None) -> functools.partial:
+    """A picklable zero-argument callable resolving the SAM folder (or None) when called, on the node
+    that calls it: what `segmentation.LazySegmenter` takes."""
+    return functools.partial(resolve_sam, base, sam)
 
 
 def resolve_controlnet(base: str, controlnet: str | None = None) -> str | None:

@@ -9,14 +9,25 @@ noise-like, which is all tests, CI and the offline demo need.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from spinml_ray.models.tokenizer import write_clip_tokenizer
-from spinml_ray.segmentation import write_tiny_sam
+from spinml_ray.segmentation import SAM_CONFIG, build_tiny_sam
 
 TINY_VERSION = "tiny-sd1-v3"
+
+
+def write_tiny_sam(out_dir: str, seed: int = 0) -> str:
+    """The preset's SAM (`segmentation.build_tiny_sam`, random weights from `seed`) as a SAM folder in `out_dir`."""
+    torch.manual_seed(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(build_tiny_sam().state_dict(), os.path.join(out_dir, "sam_tiny.pth"))
+    with open(os.path.join(out_dir, SAM_CONFIG), "w") as handle:
+        json.dump({"arch": "tiny", "checkpoint": "sam_tiny.pth"}, handle)
+    return out_dir
 
 
 def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from spinml_ray.spec import Identifier
@@ -72,3 +73,28 @@ class GenerateRequest(BaseModel):
 
 class GenerateResponse(BaseModel):
     images: list[GeneratedImage]
+
+
+# The synthetic table (`synthetic/part-*.parquet`): one row per stored image, what training reads.
+SYNTHETIC_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("label", pa.string()),
+        ("label_index", pa.int32()),
+        ("pool", pa.string()),
+        ("kind", pa.string()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("resolution", pa.int32()),
+        ("steps", pa.int32()),
+        ("guidance", pa.float64()),
+        ("strength", pa.float64()),
+        ("source_ref", pa.string()),
+        ("condition_sha256", pa.string()),
+        ("received_sha256", pa.string()),
+        ("box", pa.list_(pa.float64(), 4)),
+        ("attention", pa.binary()),
+        ("image", pa.binary()),
+    ]
+)

@@ -1,6 +1,8 @@
-"""The specialized classifier: model, data preparation, one epoch of training, evaluation.
+"""The classification task: model, data preparation, one epoch of training, evaluation, delivery.
 
-Plain PyTorch, no Ray: `stages/train.py` runs these inside Ray Train workers.
+Plain PyTorch, no Ray. Exposes the functions every task module has (`training/tasks.py`: `build`,
+`dataset`, `data`, `collate`, `train_epoch`, `validate`, `test_set`, `export`), which the training
+loop (`training/loop.py`) and delivery (`training/delivery.py`) call without knowing the task.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from PIL import Image
 
 from spinml_ray import storage
 from spinml_ray.images import decode_rgb
+from spinml_ray.training.export import exporting, to_onnx, to_torchscript
 from spinml_ray.training.pretrained import load_state_dict
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -129,3 +132,40 @@ def state_dict_bytes(model: torch.nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# the task interface (`training/tasks.py`)
+
+build = build_model
+collate = None  # the default collation: (images, class indices)
+
+
+def dataset(table, job):
+    """(train images, train labels, val images, val labels) from a synthetic table, split by the job's seed."""
+    images = images_to_uint8(table.column("image").to_pylist(), job.image_size)
+    targets = torch.tensor(table.column("label_index").to_pylist(), dtype=torch.long)
+    train_idx, val_idx = split_train_val(len(targets), job.val_fraction, job.seed)
+    return images[train_idx], targets[train_idx], images[val_idx], targets[val_idx]
+
+
+def data(images: torch.Tensor, targets: torch.Tensor) -> torch.utils.data.Dataset:
+    return torch.utils.data.TensorDataset(images, targets)
+
+
+def validate(model, images, targets, num_classes: int) -> dict:
+    """`evaluate`, with `score` (accuracy) for picking the best epoch."""
+    result = evaluate(model, images, targets, num_classes)
+    return {**result, "score": result["accuracy"] or 0.0}
+
+
+def test_set(uri: str, labels: list[str], size: int):
+    """The request's real test set: images in folders named after the labels."""
+    images, targets = load_image_folder(uri, labels)
+    return images_to_uint8(images, size), torch.tensor(targets)
+
+
+def export(model: torch.nn.Module, image_size: int) -> tuple[bytes, bytes]:
+    """(ONNX, TorchScript) of a trained classifier."""
+    with exporting():
+        return to_onnx(model, image_size), to_torchscript(model, image_size)

@@ -1,6 +1,6 @@
 """The specialized detector: model, boxes and data preparation, one epoch of training, mAP.
 
-Plain PyTorch, no Ray: `stages/train.py` runs these inside Ray Train workers. Detectors are
+Plain PyTorch, no Ray; the detection task module (`training/tasks.py`). Detectors are
 torchvision's; they take a list of 3xHxW float images in [0, 1] (they normalise and resize inside)
 and, in training, targets `{"boxes": Nx4 xyxy pixels, "labels": N}` with labels 1..K (0 is the
 background class). A request's label `i` is detector class `i + 1`.
@@ -17,7 +17,8 @@ from PIL import Image
 
 from spinml_ray import storage
 from spinml_ray.images import decode_rgb
-from spinml_ray.training.classifier import channels_last, labelled_files
+from spinml_ray.training.classifier import channels_last, labelled_files, split_train_val
+from spinml_ray.training.export import detector_to_onnx, detector_to_torchscript, exporting
 from spinml_ray.training.pretrained import load_state_dict
 
 BOXES_FILE = "boxes.json"
@@ -159,3 +160,40 @@ def load_test_set(uri: str, labels: list[str]) -> tuple[list[bytes], list[list[l
 def _is_box(box) -> bool:
     return (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
             and box[0] < box[2] and box[1] < box[3])
+
+
+# ------------------------------------------------------------------------------------------------
+# the task interface (`training/tasks.py`)
+
+build = build_detector
+
+
+def dataset(table, job):
+    """(train images, train targets, val images, val targets) of the synthetic images with a trusted
+    box (`job.boxes`), split by the job's seed."""
+    rows = [r for r in table.select(["image_id", "label_index", "image"]).to_pylist() if r["image_id"] in job.boxes]
+    images, targets = prepare([r["image"] for r in rows], [[job.boxes[r["image_id"]]] for r in rows],
+                              [[r["label_index"]] for r in rows], job.image_size)
+    train_idx, val_idx = split_train_val(len(targets), job.val_fraction, job.seed)
+    return images[train_idx], [targets[i] for i in train_idx], images[val_idx], [targets[i] for i in val_idx]
+
+
+def data(images: torch.Tensor, targets: list[dict]) -> torch.utils.data.Dataset:
+    return DetectionData(images, targets)
+
+
+def validate(model, images, targets, num_classes: int) -> dict:
+    """`evaluate`, with `score` (mAP50-95) for picking the best epoch."""
+    result = evaluate(model, images, targets, num_classes)
+    return {**result, "score": result["map"] or 0.0}
+
+
+def test_set(uri: str, labels: list[str], size: int):
+    """The request's real test set: images in folders named after the labels, boxes in boxes.json."""
+    return prepare(*load_test_set(uri, labels), size)
+
+
+def export(model: torch.nn.Module, image_size: int) -> tuple[bytes, bytes]:
+    """(ONNX, TorchScript) of a trained detector."""
+    with exporting():
+        return detector_to_onnx(model, image_size), detector_to_torchscript(model)

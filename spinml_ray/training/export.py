@@ -12,6 +12,7 @@ post-processing does not survive the ONNX exporter (its boxes come out detached 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import warnings
@@ -81,16 +82,15 @@ def detector_to_torchscript(model: torch.nn.Module) -> bytes:
 _EXPORTING = threading.Lock()
 
 
-def export(task: str, model: torch.nn.Module, image_size: int) -> tuple[bytes, bytes]:
-    """(ONNX bytes, TorchScript bytes) of a trained model of `task`; one export at a time per process.
+@contextlib.contextmanager
+def exporting():
+    """One export at a time per process (see `_EXPORTING`).
 
     torch 2.14 marks TorchScript deprecated and warns on every trace, script and save; it is still
     what on-device PyTorch runtimes load, so the batch job's log is spared the three warnings per model."""
     with _EXPORTING, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
-        if task == "detection":
-            return detector_to_onnx(model, image_size), detector_to_torchscript(model)
-        return to_onnx(model, image_size), to_torchscript(model, image_size)
+        yield
 
 
 def to_torchscript(model: torch.nn.Module, image_size: int) -> bytes:

@@ -14,39 +14,17 @@ import logging
 import pyarrow as pa
 
 from spinml_ray import storage
-from spinml_ray.cluster import failure_reason, lost_process
+from spinml_ray.errors import StageError
 from spinml_ray.images import digest
+from spinml_ray.ray_layer.cluster import failure_reason, lost_process
+from spinml_ray.ray_layer.service import submit
 from spinml_ray.spec import RequestSpec
-from spinml_ray.stages import StageError
 from spinml_ray.synthesis.plan import geometry_box, index_bundle, plan_work_items
-from spinml_ray.synthesis.service import submit
-from spinml_ray.synthesis.workitems import WorkItem
+from spinml_ray.synthesis.workitems import SYNTHETIC_SCHEMA, WorkItem
 
 PART_ROWS = 256
 log = logging.getLogger(__name__)
 
-SYNTHETIC_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("label", pa.string()),
-        ("label_index", pa.int32()),
-        ("pool", pa.string()),
-        ("kind", pa.string()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("seed", pa.int64()),
-        ("resolution", pa.int32()),
-        ("steps", pa.int32()),
-        ("guidance", pa.float64()),
-        ("strength", pa.float64()),
-        ("source_ref", pa.string()),
-        ("condition_sha256", pa.string()),
-        ("received_sha256", pa.string()),
-        ("box", pa.list_(pa.float64(), 4)),
-        ("attention", pa.binary()),
-        ("image", pa.binary()),
-    ]
-)
 
 
 def condition_digest(item: WorkItem) -> str:
@@ -84,7 +62,7 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
                    progress=None) -> dict:
     """Generate every synthetic image of the request through `handle`; returns the committed manifest.
     `progress(done, total)` hears of images as they come back."""
-    from spinml_ray.stages.personalize import adapter_for
+    from spinml_ray.ray_layer.personalize import adapter_for
 
     sanitized = storage.read_committed_table(paths.sanitized).to_pylist()
     adapter, token = adapter_for(paths)

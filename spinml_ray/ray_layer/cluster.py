@@ -45,16 +45,6 @@ def cluster_has_gpus() -> bool:
     return cluster_gpus() > 0
 
 
-def synthesis_gpu_share(gpus: float) -> float:
-    """A synthesis replica's GPU request on a cluster with `gpus` GPUs: a whole card where there are
-    two or more; on a one-GPU machine half of it, so that what asks for GPU shares while the service
-    is up (SAM in sanitization, personalization, the training fleet) still fits beside it instead of
-    waiting for a card the service never gives back. Ray's GPU shares decide packing, not memory."""
-    if gpus <= 0:
-        return 0.0
-    return 1.0 if gpus >= 2 else 0.5
-
-
 def on_this_node():
     """A scheduling strategy that pins an actor to the caller's node: for the driver's helpers (the
     fleet's job board, the progress relay), which hold no resources and would otherwise land on any

@@ -15,7 +15,7 @@
   stored, and a last line with the counts.
 
 `app_builder` is the application as Ray builds it from a config: `serve run
-spinml_ray.synthesis.service:app_builder model=...`, `serve deploy cluster/serve-config.yaml`, or a
+spinml_ray.ray_layer.service:app_builder model=...`, `serve deploy cluster/serve-config.yaml`, or a
 KubeRay RayService (`cluster/kuberay/rayservice.yaml`); its arguments are `SynthesisAppArgs`.
 `spinml serve` and the batch job deploy the same application through `build_app`.
 """
@@ -34,7 +34,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from spinml_ray import metrics, storage
+from spinml_ray import storage
+from spinml_ray.ray_layer import metrics
 from spinml_ray.spec import Identifier, LabelSpec, PrivacySpec, SynthesisSpec
 from spinml_ray.synthesis.auth import AuthError, load_tokens, tenant_for
 from spinml_ray.synthesis.engine import LORA_WEIGHTS, DiffusionEngine
@@ -337,7 +338,8 @@ def app_builder(args: SynthesisAppArgs) -> serve.Application:
     before it connects to Ray, and then this machine's GPUs decide (set the argument to choose)."""
     import ray
 
-    from spinml_ray.cluster import cluster_gpus, synthesis_gpu_share
+    from spinml_ray.ray_layer.cluster import cluster_gpus
+    from spinml_ray.resources import synthesis_gpu_share
 
     options = args.model_dump()
     if options["gpus_per_replica"] is None:
@@ -384,11 +386,19 @@ def ensure_running(model: str = "tiny", controlnet: Optional[str] = None, http_h
             status = None
         started = status is None or not str(status.status).endswith("RUNNING")
         if started:
-            serve.start(http_options={"host": http_host, "port": http_port})
-            app = app_builder(SynthesisAppArgs(model=model, controlnet=controlnet, **app_options))
-            serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX)
+            deploy(SynthesisAppArgs(model=model, controlnet=controlnet, **app_options), http_host, http_port)
         handle = serve.get_deployment_handle("DiffusionDeployment", app_name=APP_NAME)
         if not started and (served := handle.info.remote().result()["model"]) != model:
             raise RuntimeError(f"the running synthesis app serves model {served!r}, not {model!r}: run with "
                                f"--model {served}, or remove that app first (serve.delete({APP_NAME!r}))")
     return handle, started
+
+
+def deploy(args: SynthesisAppArgs, http_host: str, http_port: int) -> None:
+    """Start Serve's HTTP proxy on `http_host:http_port` and deploy the application (`spinml serve`)."""
+    serve.start(http_options={"host": http_host, "port": http_port})
+    serve.run(app_builder(args), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+
+
+def undeploy() -> None:
+    serve.delete(APP_NAME)

@@ -12,22 +12,16 @@ The adapter lands in `adapters/` (diffusers' LoRA layout + `adapter.json`), comm
 
 from __future__ import annotations
 
-import os
-import tempfile
-import time
-
 import pyarrow as pa
-import torch
 
 from spinml_ray import storage
-from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, LoraTrainer, target_crops
+from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, STATE_FILE, AdapterJob, target_crops, train_adapter
+from spinml_ray.ray_layer.train import ray_workers
 from spinml_ray.spec import RequestSpec
-from spinml_ray.stages import unwrapped
-from spinml_ray.stages.resume import arm_fault, die_if_armed, latest_state, save_state, state_key, training_failure
 from spinml_ray.synthesis.plan import image_seed
 from spinml_ray.synthesis.workitems import WorkItem
+from spinml_ray.training.resume import arm_fault, training_failure
 
-STATE_FILE = "lora_state.pt"
 CLASS_IMAGES = "class_images.parquet"
 
 
@@ -37,72 +31,14 @@ def settings_for(spec: RequestSpec) -> dict:
             "resolution": p.resolution or spec.synthesis.resolution}
 
 
-def _settings_key(config: dict) -> str:
-    """What a saved training state must match to be resumed: settings and inputs."""
-    return state_key(config["settings"], *config["instance"], *config["class_images"])
-
-
 def personalize_loop(config: dict) -> None:
-    """Ray Train worker loop: LoRA steps with checkpoints; rank 0 writes the adapter at the end."""
-    import ray.train
-    import ray.train.torch
-
-    from spinml_ray.models.source import resolve
-
-    settings = config["settings"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = str(ray.train.torch.get_device())
-    trainer = LoraTrainer(resolve(config["model"]), {**settings, "seed": settings["seed"] + rank},
-                          config["instance"], config["class_images"], device=device)
-    if world > 1:
-        trainer.unet = ray.train.torch.prepare_model(trainer.unet, move_to_device=False)
-    optimizer = torch.optim.AdamW(trainer.trainable(), lr=settings["learning_rate"])
-    initial_loss, resumed_from = None, 0
-    state = latest_state(config["state_uri"], _settings_key(config), STATE_FILE, device)
-    if state:
-        original, trainer.unet = trainer.unet, unwrapped(trainer.unet)
-        trainer.load_lora_state(state["lora"])
-        trainer.unet = original
-        optimizer.load_state_dict(state["optimizer"])
-        trainer.step = resumed_from = state["step"]
-        trainer.rng.bit_generator.state = state["rng"]
-        trainer.generator.set_state(state["generator"])
-        initial_loss = state["initial_loss"]
-    if initial_loss is None:
-        initial_loss = trainer.fixed_loss()
-    loss = float("nan")
-    started, first_step = time.perf_counter(), trainer.step
-    while trainer.step < settings["steps"]:
-        die_if_armed(config, trainer.step, rank)
-        loss = trainer.train_step(optimizer)
-        last = trainer.step == settings["steps"]
-        if rank == 0 and config.get("progress") is not None:
-            config["progress"](trainer.step, settings["steps"])
-        if trainer.step % settings["checkpoint_every"] and not last:
-            continue
-        metrics = {"step": trainer.step, "loss": loss, "initial_loss": initial_loss, "resumed_from": resumed_from}
-        with tempfile.TemporaryDirectory() as tmp:
-            saved = None
-            if rank == 0:
-                plain_unet, trainer.unet = trainer.unet, unwrapped(trainer.unet)
-                if last:
-                    metrics["steps_per_s"] = (trainer.step - first_step) / (time.perf_counter() - started)
-                    metrics["final_loss"] = trainer.fixed_loss()
-                    adapter_dir = os.path.join(tmp, "adapter")
-                    trainer.save_adapter(adapter_dir)
-                    storage.upload_dir(adapter_dir, config["out"])
-                save_state({"lora": trainer.lora_state(), "optimizer": optimizer.state_dict(), "step": trainer.step,
-                            "rng": trainer.rng.bit_generator.state, "generator": trainer.generator.get_state(),
-                            "initial_loss": initial_loss}, _settings_key(config), config["state_uri"], tmp, STATE_FILE)
-                trainer.unet = plain_unet
-                saved = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=saved)
+    """Ray Train worker loop (`config["job"]`: the `AdapterJob`): `personalization.train_adapter`."""
+    train_adapter(config["job"], ray_workers(STATE_FILE))
 
 
 def class_images(spec: RequestSpec, paths: storage.RequestPaths, handle, settings: dict) -> list[bytes]:
     """Prior-preservation images of the plain class, made once by the base model and kept."""
-    from spinml_ray.synthesis.service import submit
+    from spinml_ray.ray_layer.service import submit
 
     uri = storage.join(paths.adapters, CLASS_IMAGES)
     count = spec.personalization.class_images
@@ -132,7 +68,7 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from spinml_ray.cluster import cluster_has_gpus
+    from spinml_ray.ray_layer.cluster import cluster_has_gpus
 
     p = spec.personalization
     if spec.unpersonalized:
@@ -145,12 +81,12 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
     use_gpu = cluster_has_gpus() if use_gpu is None else use_gpu
     fs, runs = storage.filesystem(storage.join(paths.train_runs, "personalize"))
     state_uri = storage.join(paths.adapters, "_resume", STATE_FILE)
-    config = {"model": model, "settings": settings, "instance": crops, "class_images": prior, "out": paths.adapters,
-              "state_uri": state_uri, "progress": progress}
-    arm_fault(config, f"lora-{spec.tenant}-{spec.request_id}", fault_injection_step, fault_kind)
+    job = AdapterJob(model=model, settings=settings, instance=crops, class_images=prior, out=paths.adapters,
+                     state_uri=state_uri, progress=progress,
+                     fault=arm_fault(f"lora-{spec.tenant}-{spec.request_id}", fault_injection_step, fault_kind))
     trainer = TorchTrainer(
         personalize_loop,
-        train_loop_config=config,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": p.gpu_fraction} if use_gpu else None),
         run_config=RunConfig(name=f"{spec.request_id}-lora", storage_path=runs, storage_filesystem=fs,

@@ -126,7 +126,7 @@ class Progress:
             if self.relay is None:
                 import ray
 
-                from spinml_ray.cluster import on_this_node
+                from spinml_ray.ray_layer.cluster import on_this_node
 
                 self.relay = ray.remote(num_cpus=0)(ProgressRelay).options(scheduling_strategy=on_this_node()).remote()
                 self.poller = threading.Thread(target=self._poll, name="progress-relay", daemon=True)

@@ -21,7 +21,7 @@ import resource
 import numpy as np
 import pyarrow as pa
 
-from spinml_ray import metrics, storage
+from spinml_ray import storage
 from spinml_ray.bundle import (
     REJECTION_SCHEMA,
     SANITIZED_SCHEMA,
@@ -30,8 +30,10 @@ from spinml_ray.bundle import (
     sanitize_all,
     validate_uploaded,
 )
+from spinml_ray.errors import StageError
+from spinml_ray.ray_layer import metrics
+from spinml_ray.resources import ResourcePlan
 from spinml_ray.segmentation import LazySegmenter
-from spinml_ray.stages import StageError
 from spinml_ray.spec import RequestSpec, SanitizationSpec
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ class SanitizeWorker:
     def __init__(self, out_dir: str, target: str, background: str, settings: dict, model: str, sam: str | None):
         self.out_dir, self.target, self.background = out_dir, target, background
         self.settings = SanitizationSpec.model_validate(settings)
-        self.segmenter = LazySegmenter(model, sam)
+        from spinml_ray.models.source import sam_loader
+
+        self.segmenter = LazySegmenter(sam_loader(model, sam))
 
     def __call__(self, batch: dict) -> dict:
         items = [json.loads(raw) for raw in batch["item"]]
@@ -60,21 +64,15 @@ class SanitizeWorker:
                 "rejections": np.array([json.dumps(rejections)]), "peak_rss_mb": np.array([peak_mb])}
 
 
-def _default_workers() -> int:
-    import ray
-
-    return max(1, min(8, int(ray.cluster_resources().get("CPU", 1)) - 1))
-
-
 def _sanitize_references(spec: RequestSpec, paths: storage.RequestPaths, model: str, sam: str | None,
                          workers: int | None, batch_size: int, progress=None) -> tuple[list[str], list[dict], int, float]:
     import ray
 
-    from spinml_ray.cluster import cluster_has_gpus
+    from spinml_ray.ray_layer.cluster import cluster_gpus
 
     items = reference_items(spec)
     needs_sam = any(not i.get("mask_uri") for i in items)
-    workers = workers or _default_workers()
+    plan = ResourcePlan.plan(ray.cluster_resources().get("CPU", 1), cluster_gpus(), workers=workers)
     dataset = ray.data.from_items([{"item": json.dumps(item)} for item in items], override_num_blocks=max(1, min(len(items), 200)))
     results_dataset = dataset.map_batches(
         SanitizeWorker,
@@ -88,8 +86,8 @@ def _sanitize_references(spec: RequestSpec, paths: storage.RequestPaths, model: 
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(workers, max(1, len(items) // batch_size + 1))),
-        num_gpus=(1.0 / workers) if needs_sam and cluster_has_gpus() else 0,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.sanitize_pool(len(items), batch_size)),
+        num_gpus=plan.sam.gpus if needs_sam else 0,
     )
     results, done = [], 0
     for result in results_dataset.iter_rows():

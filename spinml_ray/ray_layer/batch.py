@@ -25,8 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from spinml_ray import storage
-from spinml_ray.cluster import failure_reason
-from spinml_ray.pipeline import STAGES, request_paths, run_request
+from spinml_ray.ray_layer.cluster import failure_reason
+from spinml_ray.ray_layer.pipeline import STAGE_NAMES, STAGES, request_paths, run_request, skipped
+from spinml_ray.resources import TRAINING_GPU_FRACTION, ResourcePlan
 from spinml_ray.spec import SpecError, load_request
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,6 @@ def list_requests(source: str) -> list[str]:
     return found
 
 
-def _skipped(spec, paths: storage.RequestPaths, stage: str) -> str | None:
-    """Why `stage` does not run for this request (its state in the status table), or None if it must."""
-    if stage == "personalize" and spec.unpersonalized:
-        return f"skipped ({spec.unpersonalized})"
-    directory = {"sanitize": paths.sanitized, "personalize": paths.adapters, "synthesize": paths.synthetic,
-                 "train": paths.model}[stage]
-    return "done (already complete)" if storage.read_manifest(directory) is not None else None
-
-
 def retried(result: dict) -> str | None:
     """What a completed stage had to do again (from its summary), for the status table; None if nothing."""
     notes = []
@@ -74,28 +66,14 @@ def retried(result: dict) -> str | None:
     return "; ".join(notes) or None
 
 
-def training_cpus(cluster_cpus: float, concurrent: int, reserved: float = 0) -> int:
-    """CPUs (and threads) for each training worker when `concurrent` trainings share the cluster's
-    CPUs, less `reserved` ones (the synthesis replica's): a lone training gets the whole machine."""
-    return max(1, int((cluster_cpus - reserved) // max(1, concurrent)))
-
-
 def training_fleet(cluster_cpus: float, concurrent: int, storage_root: str):
-    """The batch's training fleet: a slot per concurrent request, each with a share of a GPU
-    (`TrainingSpec.gpu_fraction`) or of the CPUs, out of what the synthesis replica leaves; never more
-    slots than that holds, so a slot never waits on resources that the service keeps for the whole job."""
-    from spinml_ray.cluster import cluster_gpus, synthesis_gpu_share
-    from spinml_ray.fleet import TrainingFleet
-    from spinml_ray.spec import TrainingSpec
+    """The batch's training fleet, as the resource plan sizes it (`resources.ResourcePlan.fleet`)."""
+    from spinml_ray.ray_layer.cluster import cluster_gpus
+    from spinml_ray.ray_layer.fleet import TrainingFleet
 
-    if gpus := cluster_gpus():
-        share = TrainingSpec().gpu_fraction
-        room = int((gpus - synthesis_gpu_share(gpus)) / share + 1e-9)  # shares left beside the synthesis replica
-        return TrainingFleet(max(1, min(concurrent, room)), use_gpu=True, gpu_fraction=share,
-                             runs_uri=storage.join(storage_root, "_fleet"))
-    serving = 1  # the synthesis replica holds a CPU on CPU-only clusters
-    cpus = training_cpus(cluster_cpus, concurrent, reserved=serving)
-    return TrainingFleet(max(1, min(concurrent, int((cluster_cpus - serving) // cpus))), cpus_per_slot=cpus,
+    fleet = ResourcePlan.plan(cluster_cpus, cluster_gpus(), concurrent=concurrent).fleet
+    return TrainingFleet(fleet.slots, cpus_per_slot=max(1, fleet.cpus_per_slot), use_gpu=fleet.use_gpu,
+                         gpu_fraction=fleet.gpu_fraction or TRAINING_GPU_FRACTION,
                          runs_uri=storage.join(storage_root, "_fleet"))
 
 
@@ -150,9 +128,10 @@ class BatchRun:
             return
         paths = self.paths[uri] = request_paths(spec, self.root)
         self._update(uri, paths, request_id=spec.request_id, tenant=spec.tenant, state="running", error=None)
-        for stage in STAGES:
-            if skipped := _skipped(spec, paths, stage):
-                self._update(uri, paths, stage=stage, state=skipped)
+        for entry in STAGES:
+            stage = entry.name
+            if why := skipped(entry, spec, paths, resume=True):
+                self._update(uri, paths, stage=stage, state=why)
                 continue
             self._update(uri, paths, stage=stage, state="running")
             started = time.time()
@@ -187,12 +166,14 @@ def run_batch(requests: list[str], storage_root: str, model: str = "tiny", max_c
     """Run every request; returns (and stores) the summary rows. `progress`: a `progress.Progress`."""
     import ray
 
-    from spinml_ray.synthesis.service import ensure_running
+    from spinml_ray.ray_layer.cluster import cluster_gpus
+    from spinml_ray.ray_layer.service import ensure_running
 
     ensure_running(model, http_port=http_port, storage_root=storage_root)
     cpus = ray.cluster_resources().get("CPU", 2)
-    if max_concurrent is None:  # default: about one request per two CPUs of the cluster
-        max_concurrent = max(1, int(cpus) // 2)
+    plan = ResourcePlan.plan(cpus, cluster_gpus(), max_concurrent, len(requests))
+    log.info("resources:\n%s", plan.describe())
+    max_concurrent = plan.max_concurrent
     batch = BatchRun(storage_root, model, http_port, training_fleet(cpus, min(max_concurrent, len(requests)), storage_root),
                      total=len(requests), progress=progress)
     try:
@@ -209,10 +190,11 @@ def run_batch(requests: list[str], storage_root: str, model: str = "tiny", max_c
 
 
 def format_summary(summary: list[dict]) -> str:
-    lines = ["| request | state | " + " | ".join(STAGES) + " | error |", "|---|---|" + "---|" * len(STAGES) + "---|"]
+    lines = ["| request | state | " + " | ".join(STAGE_NAMES) + " | error |",
+             "|---|---|" + "---|" * len(STAGE_NAMES) + "---|"]
     for row in summary:
         cells = []
-        for stage in STAGES:
+        for stage in STAGE_NAMES:
             info = row["stages"].get(stage, {})
             cells.append(f"{info.get('state', '-')}" + (f" {info['seconds']}s" if "seconds" in info else "")
                          + (" (retried)" if info.get("retried") else ""))

@@ -4,7 +4,7 @@ Starting a `TorchTrainer` costs about as much as training a small model (a contr
 processes, imports: about 9 s on a 2-core machine). A batch job therefore trains its one-worker
 requests in `slots` long-lived `TorchTrainer`s, each with one worker holding `cpus_per_slot` CPUs
 (and as many threads) or `gpu_fraction` of a GPU, so Ray packs several onto a card. Every slot runs
-`slot_loop`: take a job from the `JobBoard` actor, train it with the same `stages.train.fit` as a
+`slot_loop`: take a job from the `JobBoard` actor, train it with the same `training.loop.fit` as a
 lone request (its own data, its own stored state, its own best weights), report the outcome, next.
 
 Isolation: an exception in one request's training (bad data, out of memory) is caught in the slot,
@@ -38,8 +38,9 @@ import time
 import ray
 from ray.exceptions import RayActorError
 
-from spinml_ray import metrics, storage
-from spinml_ray.cluster import lost_process, on_this_node
+from spinml_ray import storage
+from spinml_ray.ray_layer import metrics
+from spinml_ray.ray_layer.cluster import lost_process, on_this_node
 
 RETRIES_AFTER_LOSS = 2
 BOARD_LOST = "the training fleet's job board was lost with its node ({}); a re-run of the job resumes this request"
@@ -50,8 +51,8 @@ class JobBoard:
     """Pending jobs, the job each slot is running, and outcomes (an async actor: waits don't block)."""
 
     def __init__(self):
-        self.pending: list[tuple[str, dict]] = []
-        self.running: dict[int, tuple[str, dict]] = {}
+        self.pending: list[tuple[str, object]] = []
+        self.running: dict[int, tuple[str, object]] = {}
         self.outcomes: dict[str, str | None] = {}
         self.expected: set[str] = set()  # jobs whose requests are being synthesized: slots wait for them
         self.forgotten_at = 0.0  # when the last expectation ended (idle slots count from then)
@@ -69,10 +70,10 @@ class JobBoard:
         metrics.record("spinml_fleet_slots", self.idle_slots, state="idle")
         metrics.record("spinml_fleet_jobs_waiting", len(self.pending))
 
-    async def put(self, job_id: str, config: dict) -> None:
+    async def put(self, job_id: str, job) -> None:
         async with self.changed:
             self.outcomes.pop(job_id, None)
-            self.pending.append((job_id, config))
+            self.pending.append((job_id, job))
             self._gauges()
             self.changed.notify_all()
 
@@ -174,10 +175,12 @@ class JobBoard:
 def slot_loop(config: dict) -> None:
     """A fleet slot's Ray Train worker loop: train jobs until none comes for `idle_s`."""
     import gc
+    from dataclasses import replace
 
     import torch
 
-    from spinml_ray.stages.train import fit
+    from spinml_ray.ray_layer.train import ray_workers
+    from spinml_ray.training.loop import fit
 
     board, slot = config["board"], config["slot"]
     while True:
@@ -187,9 +190,9 @@ def slot_loop(config: dict) -> None:
             return
         if job is None:
             return
-        _, job_config = job
+        _, training_job = job
         try:
-            fit({**job_config, "threads": config["threads"]})
+            fit(replace(training_job, run=replace(training_job.run, threads=config["threads"])), ray_workers())
             error = None
         except Exception as exc:  # this request fails alone; the slot goes on
             error = f"{type(exc).__name__}: {exc}"
@@ -218,12 +221,12 @@ class TrainingFleet:
         """Whether a training of this shape runs in a slot (else it gets a `TorchTrainer` of its own)."""
         return num_workers == 1 and (not self.use_gpu or gpu_fraction == self.gpu_fraction)
 
-    def train(self, job_id: str, config: dict) -> int:
-        """Train one job (a `stages.train` config) in a slot; raises RuntimeError with its error. Returns
+    def train(self, job_id: str, job) -> int:
+        """Train one job (a `training.job.TrainingJob`) in a slot; raises RuntimeError with its error. Returns
         how many times the job moved to another slot because its slot's node was lost."""
         try:
             with self.lock:
-                ray.get(self.board.put.remote(job_id, config))
+                ray.get(self.board.put.remote(job_id, job))
                 self._start_slot_if_room()
             error, moved = ray.get(self.board.outcome.remote(job_id))
         except RayActorError as exc:
