@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-fast bench example clean
+.PHONY: venv demo test test-fast bench example clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ venv: $(VENV)/.installed
 demo: venv
 	bash cluster/demo.sh
 
-test: venv
+# The report's browser test drives Debian's Chromium; installed here when missing (as root, with apt-get),
+# otherwise that one test is skipped with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "make: Chromium is not installed and could not be (needs root and apt-get): the browser test will be skipped"
+
+test: venv browser
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: venv

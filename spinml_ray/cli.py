@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--allow-box-as-mask", action="store_true",
                            help="--local with --box and no SAM: release the whole box as the target (background inside it too)")
             p.add_argument("--out", default="preview", help="--local/--preview: output folder")
+    report = sub.add_parser("report", help="write the request's privacy and utility report (no Ray)")
+    report.add_argument("request", help="request YAML/JSON: local path or s3:// URI")
+    report.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root the request ran in")
+    report.add_argument("--model", default=DEFAULT_MODEL, help="model source whose encoders/ embeds images for SIM")
+    report.add_argument("--references-from", default=None, metavar="DIR",
+                        help="the folder of your copy of the request: its raw references (and masks) are read "
+                        "from there for SIM, cross-object MI and replication; they never leave this machine")
     serve_cmd = sub.add_parser("serve", help="deploy the synthesis service (HTTP API on 127.0.0.1 by default)")
     serve_cmd.add_argument("--model", default=DEFAULT_MODEL)
     serve_cmd.add_argument("--controlnet", default=None)
@@ -176,6 +183,24 @@ def _serve(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from spinml_ray import report
+    from spinml_ray.errors import StageError
+    from spinml_ray.spec import load_request
+
+    try:
+        spec = load_request(args.request)
+        references, skipped = None, []
+        if args.references_from:
+            references, skipped = report.load_references(load_request(args.request, base_uri=args.references_from))
+        out = report.write(spec, args.storage, args.model, references, skipped)
+    except (SpecError, StageError, FileNotFoundError, ValueError) as exc:
+        print(f"spinml: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {out}/index.html ({out}/report.json)")
+    return 0
+
+
 def _batch(args, progress) -> int:
     from spinml_ray.ray_layer.batch import format_summary, list_requests, run_batch
     from spinml_ray.ray_layer.cluster import connect
@@ -234,6 +259,8 @@ def _command(args, parser, progress) -> int:
 
     if args.command == "serve":
         return _serve(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "batch":
         return _batch(args, progress)
     try:

@@ -324,8 +324,9 @@ def parse_request(document: dict, base_uri: str | None = None, source: str = "re
                                    "training": training})
 
 
-def load_request(uri: str) -> RequestSpec:
-    """Read and validate a request document (YAML or JSON) from a local path or s3:// URI."""
+def load_request(uri: str, base_uri: str | None = None) -> RequestSpec:
+    """Read and validate a request document (YAML or JSON) from a local path or s3:// URI; the URIs it
+    names resolve in its own folder, or in `base_uri` when given (another copy of that folder)."""
     try:
         text = storage.read_bytes(uri).decode("utf-8")
     except FileNotFoundError:
@@ -336,4 +337,4 @@ def load_request(uri: str) -> RequestSpec:
         document = json.loads(text) if uri.endswith(".json") else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError(f"{uri}: not valid YAML/JSON: {exc}") from None
-    return parse_request(document, base_uri=storage.parent(uri), source=uri)
+    return parse_request(document, base_uri=base_uri or storage.parent(uri), source=uri)

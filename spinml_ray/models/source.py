@@ -9,7 +9,7 @@ A source is one of:
 
 ControlNet weights are looked up in the source's `controlnet/` subfolder unless a separate
 ControlNet source is given (e.g. `lllyasviel/sd-controlnet-canny` beside a hub base model).
-The other parts (`sam/`, `classifiers/`, `detectors/`) are resolved alone: for an `s3://` source only
+The other parts (`sam/`, `encoders/`, `classifiers/`, `detectors/`) are resolved alone: for an `s3://` source only
 the part's prefix is copied (into a cache entry of its own), never the diffusion weights beside it.
 The cache lives in `$SPINML_CACHE` (default `~/.cache/spinml`); entries are built in a temporary
 folder and renamed into place, so concurrent workers never see a half-built model.
@@ -27,7 +27,7 @@ import uuid
 import pyarrow.fs as pafs
 
 from spinml_ray import storage
-from spinml_ray.models.tiny import TINY_VERSION, build_tiny_pipeline, write_tiny_sam
+from spinml_ray.models.tiny import TINY_VERSION, build_tiny_pipeline, write_tiny_encoder, write_tiny_sam
 
 TINY = "tiny"
 SPINBENCH = "spinbench"
@@ -119,10 +119,11 @@ def _s3_part(base: str, name: str) -> str | None:
 
 def _part(base: str, name: str) -> str | None:
     """The base source's `{name}/` folder, fetched alone (never the diffusion weights), or None."""
-    if base == TINY:  # its SAM is built alone, without the diffusion model; it ships no other part
-        if name != "sam":
+    if base == TINY:  # its SAM and encoder are built alone, without the diffusion model; no other part
+        writers = {"sam": write_tiny_sam, "encoders": write_tiny_encoder}
+        if name not in writers:
             return None
-        return _build_once(os.path.join(cache_dir(), f"{TINY_VERSION}-sam"), write_tiny_sam)
+        return _build_once(os.path.join(cache_dir(), f"{TINY_VERSION}-{name}"), writers[name])
     if base == SPINBENCH:
         return _folder(os.path.join(spinbench_weights_dir(), name))
     if storage.is_s3(base):
@@ -134,7 +135,7 @@ def _part(base: str, name: str) -> str | None:
 
 
 def resolve_part(base: str, name: str, override: str | None = None) -> str | None:
-    """A model part (`controlnet`, `sam`, `classifiers`, `detectors`): `override` when given (a ControlNet
+    """A model part (`controlnet`, `sam`, `encoders`, `classifiers`, `detectors`): `override` when given (a ControlNet
     may also be a hub id), else the base source's `{name}/` folder, else None (the part is missing).
     Only a ControlNet resolves the whole base model (its pipelines load it anyway)."""
     if override:

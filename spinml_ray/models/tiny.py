@@ -30,6 +30,19 @@ def write_tiny_sam(out_dir: str, seed: int = 0) -> str:
     return out_dir
 
 
+def write_tiny_encoder(out_dir: str, seed: int = 0) -> str:
+    """The preset's image encoder: a CLIP vision tower with a projection (random weights from `seed`)
+    and its image processor, in transformers' layout, as a model source's `encoders/` folder."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, projection_dim=16)
+    CLIPVisionModelWithProjection(config).save_pretrained(out_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out_dir)
+    return out_dir
+
+
 def build_tiny_pipeline(out_dir: str, seed: int = 0) -> str:
     """Build the tiny preset and save it to `out_dir` (diffusers layout, ControlNet in `controlnet/`)."""
     from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel

@@ -1,0 +1,168 @@
+"""`spinml report`: the numbers it writes, what it reads (raw references only when asked), and the page
+in a real headless browser."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from spinml_ray import report, storage
+from spinml_ray.bundle import reference_items, sanitize_all
+from spinml_ray.examples import make_scene, write_example
+from spinml_ray.images import encode_png
+from spinml_ray.spec import SanitizationSpec, load_request
+from spinml_ray.synthesis.workitems import SYNTHETIC_SCHEMA
+from spinml_ray.training.delivery import deliver
+from spinml_ray.training.loop import fit
+
+
+def _synthetic(spec, paths, per_label=6):
+    """A committed synthetic table as the synthesize stage writes it: scenes of each label, with the
+    box the conditioning placed the subject in, in the request's pool and in L0_L0."""
+    rows, n = [], 0
+    for index, label in enumerate(spec.label_names):
+        for k in range(per_label):
+            image, mask = make_scene(label, 9000 + index * 100 + k)
+            ys, xs = np.nonzero(mask)
+            rows.append({name: None for name in SYNTHETIC_SCHEMA.names} | {
+                "image_id": f"img-{n:04d}", "label": label, "label_index": index, "kind": "img2img", "seed": n,
+                "pool": "L0_L0" if k % 3 == 0 else "L2_L0", "image": encode_png(image),
+                "box": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]})
+            n += 1
+    storage.write_table(storage.join(paths.synthetic, "part-0.parquet"),
+                        pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA))
+    storage.commit(paths.synthetic, ["part-0.parquet"], images=len(rows))
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """The example request at L2_L0 with every stage's output in storage, made without a cluster."""
+    import yaml
+
+    from spinml_ray.ray_layer.train import training_job
+
+    folder = tmp_path_factory.mktemp("request")
+    uri = write_example(str(folder))
+    document = yaml.safe_load(open(uri))
+    document["privacy"] = {"target": "L2", "background": "L0", "alpha": 0.25}
+    document["training"] = {"architecture": "resnet18", "epochs": 1, "batch_size": 8, "image_size": 32,
+                            "pretrained": "none"}
+    with open(uri, "w") as handle:
+        yaml.safe_dump(document, handle)
+    spec = load_request(uri)
+    root = str(tmp_path_factory.mktemp("storage"))
+    paths = storage.RequestPaths(root, spec.tenant, spec.request_id)
+    rows, _ = sanitize_all(reference_items(spec), "L2", "L0", SanitizationSpec())
+    storage.write_table(storage.join(paths.sanitized, "part-0.parquet"), pa.Table.from_pylist(rows))
+    storage.commit(paths.sanitized, ["part-0.parquet"])
+    _synthetic(spec, paths)
+    job = training_job(spec, paths, "tiny")
+    fit(job)
+    deliver(spec, paths, job, {}, False)
+    return uri, root, spec, paths, rows
+
+
+def test_the_report_measures_what_left_and_what_was_made(ran):
+    uri, root, spec, paths, rows = ran
+    references, skipped = report.load_references(spec)
+    assert len(references) == len(spec.references) and skipped == []
+    found, pictures = report.build(spec, root, "tiny", references)
+    targets = [r["mi"] for r in rows if r["object"] == "target"]
+    assert found["mi"]["own"]["target"] == pytest.approx(np.mean(targets)) and found["mi"]["own"]["background"] == 0
+    assert 0 < found["mi"]["target_about_background"] < found["mi"]["own"]["target"]
+    sim = found["sim"]
+    assert sim["pool"] == "L2_L0" and set(sim["objects"]) == {"target", "background"}
+    for entry in sim["objects"].values():
+        assert -1 <= entry["sim"] <= 1 and entry["dsim"] == pytest.approx(entry["sim"] - entry["sim_l0_l0"])
+    payloads = found["replication"]["payloads"]
+    assert payloads["compared"] == len(targets) and 0 <= payloads["above_threshold"] <= 1
+    closest = found["replication"]["references"]["closest"]
+    assert len(closest) == 5 and [c["similarity"] for c in closest] == sorted((c["similarity"] for c in closest), reverse=True)
+    inference = found["membership_inference"]["model"]
+    assert 0 <= inference["auc"] <= 1 and inference["members"] + inference["non_members"] == 6 * len(spec.labels)
+    assert found["metrics"]["accuracy"] is not None and len(found["metrics"]["confusion"]) == len(spec.labels)
+    assert found["synthetic"]["per_label"] == {label: 6 for label in spec.label_names}
+    assert set(pictures) == {"released", "samples", "closest", "confusion"}
+
+
+def test_without_raw_references_the_report_never_reads_them(ran, monkeypatch):
+    uri, root, spec, paths, _ = ran
+    raw = {item["uri"] for item in reference_items(spec)} | {item["mask_uri"] for item in reference_items(spec)}
+    original = storage.read_bytes
+
+    def guarded(u, *args, **kwargs):
+        assert u not in raw, f"the report read a raw reference: {u}"
+        return original(u, *args, **kwargs)
+
+    monkeypatch.setattr(storage, "read_bytes", guarded)
+    found, pictures = report.build(spec, root, "tiny")
+    assert "--references-from" in found["sim"] and "--references-from" in found["mi"]["target_about_background"]
+    assert found["replication"]["references"] is None if "references" in found["replication"] else True
+    assert "closest" not in pictures and found["replication"]["payloads"]["compared"] > 0
+
+
+def test_a_source_without_an_encoder_says_so(ran, tmp_path):
+    _, root, spec, _, _ = ran
+    bare = tmp_path / "model"
+    bare.mkdir()
+    (bare / "model_index.json").write_text("{}")
+    found, _ = report.build(spec, root, str(bare))
+    assert "no image encoder" in found["sim"] and "no image encoder" in found["replication"]
+
+
+def test_spinml_report_writes_the_page_and_reads_references_from_the_users_copy(ran, tmp_path, capsys):
+    from spinml_ray.cli import main
+
+    uri, root, spec, paths, _ = ran
+    copy = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(uri), copy)
+    assert main(["report", uri, "--storage", root, "--references-from", str(copy)]) == 0
+    out = storage.join(paths.base, "report")
+    data = json.loads(storage.read_bytes(storage.join(out, "report.json")))
+    assert isinstance(data["sim"], dict) and isinstance(data["mi"]["target_about_background"], float)
+    page = storage.read_bytes(storage.join(out, "index.html")).decode()
+    assert page.count("data:image/png;base64,") == 4 and "http" not in page.replace("charset", "")
+    assert main(["report", uri, "--storage", str(tmp_path / "empty")]) == 2  # nothing ran there
+    assert "no committed output" in capsys.readouterr().err
+
+
+def test_the_page_loads_in_a_headless_browser(ran, tmp_path):
+    """Chromium (Debian's, which `make test` installs where it can) opens the page from disk: no console
+    error, every image decodes, the confusion plot is there; the screenshot is kept in test-artifacts/."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium on this machine (`make test` installs Debian's with apt-get when run as root)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency")
+    uri, root, spec, paths, _ = ran
+    out = report.write(spec, root, "tiny", *report.load_references(spec))
+    errors = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"file://{os.path.abspath(out)}/index.html")
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.id, e.complete, e.naturalWidth])")
+        artifacts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
+        os.makedirs(artifacts, exist_ok=True)
+        page.screenshot(path=os.path.join(artifacts, "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert {i for i, _, _ in images} == {"released", "samples", "closest", "confusion"}
+    assert all(complete and width > 0 for _, complete, width in images), images
+
+
+def test_the_tiny_source_ships_an_encoder_built_alone(tmp_path, monkeypatch):
+    from spinml_ray.encoders import load_encoder
+
+    monkeypatch.setenv("SPINML_CACHE", str(tmp_path))
+    encoder = load_encoder("tiny")
+    assert type(encoder.model).__name__ == "CLIPVisionModelWithProjection"  # its projection is kept
+    assert not any(p.name.startswith("tiny-sd1") and not p.name.endswith("-encoders") for p in tmp_path.iterdir())
+    images = [make_scene("floating", k)[0] for k in range(3)]
+    first, again = encoder.embed(images, batch_size=2), encoder.embed(images)
+    assert first.shape == (3, encoder.model.config.projection_dim) and np.allclose(first, again, atol=1e-5)
+    assert not np.allclose(first[0], first[1])
