@@ -16,39 +16,30 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass
 
 import yaml
 
 from spinbench.baselines import BASELINES, Training, run_baseline
 from spinbench.world import STATES, make_user, request_document, user_samples, write_user_request
 from spinml_ray.ray_layer.pipeline import STAGE_NAMES as STAGES
+from spinml_ray.sweep import Variant, mean_sd
 
 CONFIGS = ("L0_L0", "L1_L0", "L0_L1", "L1_L1", "L2_L0", "L2_L2")
 ALPHA_CONFIG = "L2_L0"  # where the mixing fraction alpha is swept
 
 
-@dataclass(frozen=True)
-class Run:
-    config: str
-    alpha: float
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.config}-a{self.alpha:g}"
-
-    def request_id(self, user_seed: int) -> str:
-        return f"spinbench-u{user_seed}-{self.name}-s{self.seed}"
+def user_base(user_seed: int) -> str:
+    """The request-id stem of a user's runs: a run's id is `Variant.request_id(user_base(user))`."""
+    return f"spinbench-u{user_seed}"
 
 
-def plan(configs=CONFIGS, alphas=(0.0,), seeds: int = 5, alpha_config: str = ALPHA_CONFIG) -> list[Run]:
+def plan(configs=CONFIGS, alphas=(0.0,), seeds: int = 5, alpha_config: str = ALPHA_CONFIG) -> list[Variant]:
     """Every configuration at alpha 0, and `alpha_config` at each other alpha; each with `seeds` seeds."""
     pairs = [(c, 0.0) for c in configs] + [(alpha_config, a) for a in alphas if a != 0.0]
-    return [Run(c, a, s) for c, a in pairs for s in range(seeds)]
+    return [Variant(c, a, s) for c, a in pairs for s in range(seeds)]
 
 
-def write_requests(user_seed: int, out_dir: str, runs: list[Run], synthesis: dict, training: Training,
+def write_requests(user_seed: int, out_dir: str, runs: list[Variant], synthesis: dict, training: Training,
                    personalization: dict, references_per_state: int, test_per_state: int) -> str:
     """The user's world in `out_dir` and one request per run beside its `request.yaml` (so each names
     only files in its own folder); returns the manifest's path."""
@@ -61,7 +52,7 @@ def write_requests(user_seed: int, out_dir: str, runs: list[Run], synthesis: dic
         target, background = run.config.split("_")
         document = request_document(user, references, {"target": target, "background": background, "alpha": run.alpha},
                                     {**synthesis, "seed": run.seed}, vars(training))
-        document["request_id"] = run.request_id(user_seed)
+        document["request_id"] = run.request_id(user_base(user_seed))
         document["personalization"] = personalization
         name = f"{run.name}-s{run.seed}.yaml"
         with open(os.path.join(out_dir, name), "w") as handle:
@@ -71,14 +62,6 @@ def write_requests(user_seed: int, out_dir: str, runs: list[Run], synthesis: dic
     with open(manifest, "w") as handle:
         yaml.safe_dump({"requests": names}, handle)
     return manifest
-
-
-def _mean_sd(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "sd": None, "n": 0}
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
 
 
 def _request_result(storage_root: str, request_id: str, row: dict) -> dict:
@@ -105,15 +88,15 @@ def summarize(rows: list[dict]) -> dict:
     for name in dict.fromkeys(r["name"] for r in rows):
         group = [r for r in rows if r["name"] == name]
         done = [r for r in group if r.get("accuracy") is not None]
-        per_state = {state: _mean_sd([r["per_class"][i] for r in done])["mean"] for i, state in enumerate(STATES)}
+        per_state = {state: mean_sd([r["per_class"][i] for r in done])["mean"] for i, state in enumerate(STATES)}
         out[name] = {
             "config": group[0]["config"], "alpha": group[0]["alpha"],
-            "accuracy": _mean_sd([r["accuracy"] for r in done]),
+            "accuracy": mean_sd([r["accuracy"] for r in done]),
             "accuracy_per_seed": {r["seed"]: r.get("accuracy") for r in group},
             "per_state": per_state,
-            "mi": {obj: _mean_sd([r["mi"][obj] for r in done])["mean"] for obj in ("target", "background")},
-            "images": _mean_sd([r["images"] for r in done if r.get("images") is not None])["mean"],
-            "seconds": {s: _mean_sd([r["seconds"][s] for r in group if r["seconds"].get(s) is not None])["mean"]
+            "mi": {obj: mean_sd([r["mi"][obj] for r in done])["mean"] for obj in ("target", "background")},
+            "images": mean_sd([r["images"] for r in done if r.get("images") is not None])["mean"],
+            "seconds": {s: mean_sd([r["seconds"][s] for r in group if r["seconds"].get(s) is not None])["mean"]
                         for s in STAGES},
             "failed": [r["request_id"] for r in group if r.get("accuracy") is None],
         }
@@ -129,7 +112,7 @@ def baseline_results(user_seed: int, seeds: int, references_per_state: int, test
         started = time.time()
         results = [run_baseline(name, user, test, references_per_state, count, seed, training) for seed in range(seeds)]
         out[name] = {
-            "accuracy": _mean_sd([r["accuracy"] for r in results]),
+            "accuracy": mean_sd([r["accuracy"] for r in results]),
             "accuracy_per_seed": {seed: r["accuracy"] for seed, r in enumerate(results)},
             "per_state": {state: statistics.fmean(r["per_class_accuracy"][i] for r in results)
                           for i, state in enumerate(STATES)},
@@ -197,7 +180,7 @@ def plot(results: dict, path: str) -> str:
     return path
 
 
-def run_benchmark(user_seed: int, out_dir: str, runs: list[Run], model: str = "spinbench",
+def run_benchmark(user_seed: int, out_dir: str, runs: list[Variant], model: str = "spinbench",
                   storage_root: str | None = None, address: str | None = None, num_cpus: int | None = None,
                   baselines: bool = False, synthesis: dict | None = None, training: Training = Training(),
                   personalization: dict | None = None, references_per_state: int = 4, test_per_state: int = 25,
@@ -221,7 +204,7 @@ def run_benchmark(user_seed: int, out_dir: str, runs: list[Run], model: str = "s
     rows = []
     for run, row in zip(runs, summary):
         rows.append({"name": run.name, "config": run.config, "alpha": run.alpha, "seed": run.seed,
-                     **_request_result(storage_root, run.request_id(user_seed), row)})
+                     **_request_result(storage_root, run.request_id(user_base(user_seed)), row)})
     results = {"user_seed": user_seed, "model": model, "test_images": test_per_state * len(STATES),
                "synthesis": synthesis, "training": vars(training), "personalization": personalization,
                "seconds": round(time.time() - started, 1), "requests": rows, "configurations": summarize(rows)}

@@ -45,23 +45,53 @@ def _gpu_share(text: str) -> float:
     return value
 
 
+_SHARED = {  # options that the stage subcommands and `sweep` take alike
+    "--storage": dict(default=DEFAULT_STORAGE, help="storage root, local path or s3://bucket/prefix "
+                      "(default $SPINML_STORAGE or ./spinml-data)"),
+    "--address": dict(default=None, help="Ray cluster address (default $RAY_ADDRESS, else start a local one)"),
+    "--num-cpus": dict(type=int, default=None, help="CPUs for a locally started Ray"),
+    "--model": dict(default=DEFAULT_MODEL, help="model source: tiny, a directory, s3:// prefix or hub id"),
+    "--http-port": dict(type=int, default=8000, help="Serve HTTP port on 127.0.0.1"),
+}
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _sweep_arg(parse: str):
+    """An argparse type from `sweep.parse_configs` or `sweep.parse_alphas` (their errors, as usage errors)."""
+    def convert(text: str):
+        from spinml_ray import sweep
+
+        try:
+            return getattr(sweep, parse)(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinml", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "run every stage of a request"), *((s.name, s.help) for s in STAGES)):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("request", nargs="?" if name == "sanitize" else None, help="request YAML/JSON: local path or s3:// URI")
-        p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root, local path or s3://bucket/prefix "
-                       "(default $SPINML_STORAGE or ./spinml-data)")
-        p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else start a local one)")
-        p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a locally started Ray")
-        p.add_argument("--model", default=DEFAULT_MODEL, help="model source: tiny, a directory, s3:// prefix or hub id")
+        for option in ("--storage", "--address", "--num-cpus", "--model"):
+            p.add_argument(option, **_SHARED[option])
         if name in ("run", "sanitize"):
             p.add_argument("--sam", default=None, help="SAM folder (sam.json + checkpoint); default: the model's sam/")
         if name in ("run", "synthesize", "personalize"):
             p.add_argument("--controlnet", default=None, help="ControlNet source (default: the model's controlnet/)")
             p.add_argument("--keep-serving", action="store_true", help="leave the synthesis app deployed")
-            p.add_argument("--http-port", type=int, default=8000, help="Serve HTTP port on 127.0.0.1")
+            p.add_argument("--http-port", **_SHARED["--http-port"])
         if name == "sanitize":
             p.add_argument("--preview", action="store_true", help="write what would leave to --out; release nothing")
             p.add_argument("--local", action="store_true", help="sanitize one image on this machine, no Ray")
@@ -83,6 +113,24 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--references-from", default=None, metavar="DIR",
                         help="the folder of your copy of the request: its raw references (and masks) are read "
                         "from there for SIM, cross-object MI and replication; they never leave this machine")
+    sweep = sub.add_parser("sweep", help="run a request under several level configurations, alphas and seeds "
+                           "as one batch job, and recommend one")
+    sweep.add_argument("request", help="request YAML/JSON: local path or s3:// URI")
+    sweep.add_argument("--configs", type=_sweep_arg("parse_configs"), default="L0_L0,L1_L0,L2_L0",
+                       help="level configurations TARGET_BACKGROUND, comma-separated (default L0_L0,L1_L0,L2_L0)")
+    sweep.add_argument("--alphas", type=_sweep_arg("parse_alphas"), default="0",
+                       help="mixing fractions of L0_L0 images, comma-separated (default 0)")
+    sweep.add_argument("--seeds", type=_positive, default=3, help="seeds per configuration and alpha (default 3)")
+    goal = sweep.add_mutually_exclusive_group()
+    goal.add_argument("--target-accuracy", type=float, default=None,
+                      help="recommend the least-leaking configuration whose mean accuracy reaches this")
+    goal.add_argument("--within", type=float, default=0.95,
+                      help="... or reaches this fraction of the best mean accuracy (default 0.95)")
+    sweep.add_argument("--references-from", default=None, metavar="DIR",
+                       help="your copy of the request's folder: adds SIM per object (raw references stay here)")
+    sweep.add_argument("--max-concurrent", type=int, default=None, help="requests at a time (default: CPUs / 2)")
+    for option in ("--storage", "--address", "--num-cpus", "--model", "--http-port"):
+        sweep.add_argument(option, **_SHARED[option])
     serve_cmd = sub.add_parser("serve", help="deploy the synthesis service (HTTP API on 127.0.0.1 by default)")
     serve_cmd.add_argument("--model", default=DEFAULT_MODEL)
     serve_cmd.add_argument("--controlnet", default=None)
@@ -201,6 +249,28 @@ def _report(args) -> int:
     return 0
 
 
+def _sweep(args, progress) -> int:
+    from spinml_ray import sweep
+    from spinml_ray.ray_layer.cluster import connect
+    from spinml_ray.ray_layer.sweep import run_sweep
+    from spinml_ray.spec import load_request
+
+    try:
+        load_request(args.request)  # bad input fails here, before any cluster starts
+    except SpecError as exc:
+        print(f"spinml: error: {exc}", file=sys.stderr)
+        return 2
+    connect(args.address, num_cpus=args.num_cpus)
+    results, out = run_sweep(args.request, args.storage, args.configs, args.alphas, args.seeds, model=args.model,
+                             target_accuracy=args.target_accuracy, within=args.within,
+                             references_from=args.references_from, max_concurrent=args.max_concurrent,
+                             http_port=args.http_port, progress=progress)
+    progress.close()
+    print(sweep.markdown(results))
+    print(f"sweep: {out}/index.html ({out}/sweep.json)")
+    return 0 if results["recommendation"] and results["recommendation"].get("name") else 1
+
+
 def _batch(args, progress) -> int:
     from spinml_ray.ray_layer.batch import format_summary, list_requests, run_batch
     from spinml_ray.ray_layer.cluster import connect
@@ -238,7 +308,7 @@ def _progress(args):
     """Live progress on a terminal for commands that run stages; log lines elsewhere (and for the rest)."""
     from spinml_ray.ray_layer.progress import Progress
 
-    shows_stages = args.command in ("run", "batch", *STAGE_NAMES[1:]) or (
+    shows_stages = args.command in ("run", "batch", "sweep", *STAGE_NAMES[1:]) or (
         args.command == "sanitize" and not (args.local or args.preview))
     progress = Progress(live=None if shows_stages else False)
     logging.basicConfig(level=logging.INFO, handlers=[progress.log_handler()],  # rich shows time and level itself
@@ -261,6 +331,8 @@ def _command(args, parser, progress) -> int:
         return _serve(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "sweep":
+        return _sweep(args, progress)
     if args.command == "batch":
         return _batch(args, progress)
     try:

@@ -18,7 +18,7 @@ def test_plan_sweeps_every_configuration_and_the_alphas_at_one():
     runs = bench.plan(alphas=(0.0, 0.25, 0.5), seeds=3)
     assert len(runs) == (len(bench.CONFIGS) + 2) * 3
     assert {(r.config, r.alpha) for r in runs if r.alpha} == {("L2_L0", 0.25), ("L2_L0", 0.5)}
-    assert len({r.request_id(7) for r in runs}) == len(runs)
+    assert len({r.request_id(bench.user_base(7)) for r in runs}) == len(runs)
 
 
 def test_write_requests_gives_valid_requests_in_one_folder(tmp_path):
@@ -29,7 +29,7 @@ def test_write_requests_gives_valid_requests_in_one_folder(tmp_path):
     assert len(uris) == len(runs)
     for run, uri in zip(runs, uris):
         spec = load_request(uri)
-        assert spec.request_id == run.request_id(3)
+        assert spec.request_id == run.request_id(bench.user_base(3))
         assert spec.privacy.config == run.config and spec.privacy.alpha == run.alpha
         assert spec.synthesis.seed == run.seed and spec.synthesis.images_per_label == 4
         assert spec.training.epochs == 2 and spec.personalization.steps == 5
