@@ -12,6 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from spinml_ray.cli import positive_int as _positive
+from spinml_ray.cli import sweep_arg
+
+_configs, _floats = sweep_arg("parse_configs"), sweep_arg("parse_alphas")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinml spinbench", description=__doc__,
@@ -47,38 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {text!r}")
-    return value
-
-
-def _configs(text: str) -> tuple[str, ...]:
-    configs = tuple(c.strip() for c in text.split(",") if c.strip())
-    if not configs or any(len(c.split("_")) != 2 or not set(c.split("_")) <= {"L0", "L1", "L2"} for c in configs):
-        raise argparse.ArgumentTypeError(f"configurations are Lx_Ly with x and y in 0-2, got {text!r}")
-    return configs
-
-
 def _config(text: str) -> str:
     configs = _configs(text)
     if len(configs) != 1:
         raise argparse.ArgumentTypeError(f"one configuration Lx_Ly, got {text!r}")
     return configs[0]
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = (-1.0,)
-    if not all(0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"alphas are numbers from 0 to 1 separated by commas, got {text!r}")
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:

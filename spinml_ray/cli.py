@@ -55,7 +55,7 @@ _SHARED = {  # options that the stage subcommands and `sweep` take alike
 }
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -65,7 +65,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def _sweep_arg(parse: str):
+def sweep_arg(parse: str):
     """An argparse type from `sweep.parse_configs` or `sweep.parse_alphas` (their errors, as usage errors)."""
     def convert(text: str):
         from spinml_ray import sweep
@@ -116,11 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a request under several level configurations, alphas and seeds "
                            "as one batch job, and recommend one")
     sweep.add_argument("request", help="request YAML/JSON: local path or s3:// URI")
-    sweep.add_argument("--configs", type=_sweep_arg("parse_configs"), default="L0_L0,L1_L0,L2_L0",
+    sweep.add_argument("--configs", type=sweep_arg("parse_configs"), default="L0_L0,L1_L0,L2_L0",
                        help="level configurations TARGET_BACKGROUND, comma-separated (default L0_L0,L1_L0,L2_L0)")
-    sweep.add_argument("--alphas", type=_sweep_arg("parse_alphas"), default="0",
+    sweep.add_argument("--alphas", type=sweep_arg("parse_alphas"), default="0",
                        help="mixing fractions of L0_L0 images, comma-separated (default 0)")
-    sweep.add_argument("--seeds", type=_positive, default=3, help="seeds per configuration and alpha (default 3)")
+    sweep.add_argument("--seeds", type=positive_int, default=3, help="seeds per configuration and alpha (default 3)")
     goal = sweep.add_mutually_exclusive_group()
     goal.add_argument("--target-accuracy", type=float, default=None,
                       help="recommend the least-leaking configuration whose mean accuracy reaches this")
