@@ -95,8 +95,8 @@ def mean_sd(values: list) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:
-    """Per (configuration, alpha): accuracy over seeds, MI per object and in all, SIM per object where
-    measured, and the requests that failed. `rows`: one per variant, with `name`, `config`, `alpha`,
+    """Per (configuration, alpha): accuracy over seeds, MI per object and in all, the target's release
+    about the background and SIM per object where measured, and the requests that failed. `rows`: one per variant, with `name`, `config`, `alpha`,
     `seed`, `request_id` and, when it trained, `accuracy`, `mi` ({object: value}) and maybe `sim`."""
     out = {}
     for name in dict.fromkeys(r["name"] for r in rows):
@@ -108,6 +108,8 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
                  "accuracy_per_seed": {r["seed"]: r.get("accuracy") for r in group},
                  "mi": mi, "leakage": sum(v or 0.0 for v in mi.values()) if done else None,
                  "failed": [r["request_id"] for r in group if r.get("accuracy") is None]}
+        if any("mi_cross" in r for r in done):
+            entry["mi_target_about_background"] = mean_sd([r.get("mi_cross") for r in done])["mean"]
         sims = [r["sim"] for r in done if r.get("sim")]
         if sims:
             entry["sim"] = {obj: mean_sd([s.get(obj) for s in sims])["mean"] for obj in ("target", "background")}
@@ -150,8 +152,9 @@ def markdown(results: dict) -> str:
     lines = [f"# Sweep of request {results['request_id']}", "",
              f"Accuracy on the real test set over {results['seeds']} seed(s) (mean ± sd); MI per object from the "
              "sanitizer's meter; SIM per object where the raw references were at hand.", "",
-             "| configuration | alpha | accuracy | MI target | MI background | SIM target | SIM background | on the front |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| configuration | alpha | accuracy | MI target | MI background | MI target about background | "
+             "SIM target | SIM background | on the front |",
+             "|---|---|---|---|---|---|---|---|---|"]
     front = set(results["pareto_front"])
 
     def num(value, digits=4):
@@ -162,7 +165,8 @@ def markdown(results: dict) -> str:
         accuracy = "-" if acc["mean"] is None else f"{acc['mean']:.3f} ± {acc['sd']:.3f} (n={acc['n']})"
         sim = e.get("sim") or {}
         lines.append(f"| {e['config']} | {e['alpha']:g} | {accuracy} | {num(e['mi']['target'])} | "
-                     f"{num(e['mi']['background'])} | {num(sim.get('target'))} | {num(sim.get('background'))} | "
+                     f"{num(e['mi']['background'])} | {num(e.get('mi_target_about_background'))} | "
+                     f"{num(sim.get('target'))} | {num(sim.get('background'))} | "
                      f"{'yes' if name in front else ''} |")
     advice = results["recommendation"]
     lines += ["", "**Recommendation:** " + (f"{advice['config']} at alpha {advice['alpha']:g}: {advice['why']}."
@@ -221,8 +225,9 @@ def page(results: dict, picture: bytes) -> str:
 
 def variant_result(storage_root: str, spec: RequestSpec, run: Variant, row: dict, encoder=None,
                    references: list[dict] | None = None) -> dict:
-    """One variant's row for `summarize`: its batch status, and once trained its accuracy, MI per object
-    and (with an encoder and the raw references) SIM per object."""
+    """One variant's row for `summarize`: its batch status, and once trained its accuracy, MI per object,
+    with the raw references the target's release about the background (cross-object MI, computed here,
+    where the references are), and with an encoder too SIM per object."""
     from spinml_ray import report
     from spinml_ray.images import decode_rgb
 
@@ -235,6 +240,10 @@ def variant_result(storage_root: str, spec: RequestSpec, run: Variant, row: dict
     metrics = storage.read_json(storage.join(paths.model, "metrics.json"))
     result.update(accuracy=metrics.get("accuracy", metrics.get("map")),
                   mi=report.own_mi(storage.read_committed_table(paths.sanitized).to_pylist()))
+    if references:  # what the target's release tells about the background (the artifact's cross-object MI)
+        target = run.config.split("_")[0]
+        result["mi_cross"] = report.cross_object_mi(references, target, (spec.sanitization.canny_low,
+                                                                         spec.sanitization.canny_high))
     if encoder is not None and references:
         synthetic = [{**r, "array": decode_rgb(r["image"])} for r in
                      storage.read_committed_table(paths.synthetic).select(["pool", "box", "image"]).to_pylist()]

@@ -122,6 +122,8 @@ def test_spinml_sweep_runs_the_variants_as_one_batch_and_recommends(tmp_path, sy
     for entry in results["configurations"].values():
         assert entry["accuracy"]["n"] == 1 and 0 <= entry["accuracy"]["mean"] <= 1
         assert set(entry["sim"]) == {"target", "background"}
+    cross = {n: e["mi_target_about_background"] for n, e in results["configurations"].items()}
+    assert cross["L0_L0-a0"] == 0 < cross["L1_L0-a0"] == cross["L1_L0-a0.25"]
     assert results["configurations"]["L0_L0-a0"]["leakage"] == 0 < results["configurations"]["L1_L0-a0"]["leakage"]
     assert results["recommendation"]["name"] in results["configurations"]
     assert results["recommendation"]["name"] in results["pareto_front"]
