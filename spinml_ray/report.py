@@ -55,8 +55,9 @@ def _crop(image: np.ndarray, box) -> np.ndarray | None:
 
 
 def synthetic_segments(image: np.ndarray, box) -> dict[str, np.ndarray | None]:
-    """A synthetic image's target (the box the conditioning placed it in) and background (the rest,
-    the box blacked out); without a box the target is unknown (None) and the background is the image."""
+    """A synthetic image's target (its box: where the conditioning placed it, else where the
+    auto-labeller found it) and background (the rest, the box blacked out); without a box the target
+    is unknown (None) and the background is the image."""
     if box is None:
         return {"target": None, "background": image}
     background = image.copy()
@@ -73,6 +74,31 @@ def reference_segments(image: np.ndarray, mask: np.ndarray) -> dict[str, np.ndar
         pixels = np.where(mask[..., None], image, 0).astype(np.uint8)
         target = pixels[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     return {"target": target, "background": np.where(mask[..., None], 0, image).astype(np.uint8)}
+
+
+def locate_targets(synthetic: list[dict], model: str) -> dict:
+    """Fill in the box of synthetic images whose conditioning placed no target, from the auto-labeller
+    (the model source's SAM, prompted by where the model drew the subject), so their target segment is
+    known too; returns how many boxes came from where."""
+    from spinml_ray.autolabel import trusted_boxes
+    from spinml_ray.models.source import sam_loader
+    from spinml_ray.segmentation import LazySegmenter
+
+    placed = sum(s["box"] is not None for s in synthetic)
+    counts = {"from_conditioning": placed, "from_autolabeller": 0, "unknown": len(synthetic) - placed}
+    if placed == len(synthetic):
+        return counts
+    segmenter = LazySegmenter(sam_loader(model))
+    if not segmenter.available:
+        return {**counts, "why_unknown": f"the model source {model!r} has no SAM"}
+    boxes, _ = trusted_boxes([{k: s.get(k) for k in ("image_id", "box", "image", "attention")} for s in synthetic],
+                             segmenter)
+    for s in synthetic:
+        if s["box"] is None and s["image_id"] in boxes:
+            s["box"] = boxes[s["image_id"]]
+            counts["from_autolabeller"] += 1
+            counts["unknown"] -= 1
+    return counts
 
 
 def load_references(spec: RequestSpec) -> tuple[list[dict], list[str]]:
@@ -207,8 +233,10 @@ def build(spec: RequestSpec, storage_root: str, model: str = "tiny", references:
     synthetic, table = [], None
     if storage.read_manifest(paths.synthetic) is not None:
         table = storage.read_committed_table(paths.synthetic)
-        for row in table.select(["image_id", "label", "pool", "box", "image"]).to_pylist():
+        columns = [c for c in ("image_id", "label", "pool", "box", "image", "attention") if c in table.column_names]
+        for row in table.select(columns).to_pylist():
             synthetic.append({**row, "array": decode_rgb(row["image"])})
+        report["segments"] = locate_targets(synthetic, model)
     report["synthetic"] = {"images": len(synthetic),
                            "per_label": {label: sum(s["label"] == label for s in synthetic) for label in spec.label_names},
                            "pools": sorted({s["pool"] for s in synthetic})}

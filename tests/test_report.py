@@ -166,3 +166,33 @@ def test_the_tiny_source_ships_an_encoder_built_alone(tmp_path, monkeypatch):
     first, again = encoder.embed(images, batch_size=2), encoder.embed(images)
     assert first.shape == (3, encoder.model.config.projection_dim) and np.allclose(first, again, atol=1e-5)
     assert not np.allclose(first[0], first[1])
+
+
+def test_targets_the_conditioning_did_not_place_are_found_by_the_autolabeller(monkeypatch):
+    """Synthetic images without a box get their target segment from the auto-labeller (SAM unprompted,
+    here a stand-in that finds the drawn subject), so SIM's target covers them too."""
+    from spinml_ray import segmentation
+    from standins import SubjectSam, box_iou
+
+    scenes = [make_scene("floating", 500 + k) for k in range(3)]
+    sam = SubjectSam(scenes)
+    monkeypatch.setattr(segmentation, "LazySegmenter", lambda loader: sam)
+    synthetic = [{"image_id": f"i{k}", "box": None if k else [1.0, 2.0, 30.0, 40.0], "image": encode_png(image),
+                  "array": image, "attention": None} for k, (image, _) in enumerate(scenes)]
+    counts = report.locate_targets(synthetic, "tiny")
+    assert counts == {"from_conditioning": 1, "from_autolabeller": 2, "unknown": 0} and sam.unprompted == 2
+    assert synthetic[0]["box"] == [1.0, 2.0, 30.0, 40.0]  # the conditioning's box is kept
+    for s, (_, mask) in zip(synthetic[1:], scenes[1:]):
+        ys, xs = np.nonzero(mask)
+        assert box_iou(s["box"], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) > 0.95
+        assert report.synthetic_segments(s["array"], s["box"])["target"] is not None
+
+
+def test_without_a_sam_unplaced_targets_stay_unknown_and_the_report_says_why(tmp_path):
+    bare = tmp_path / "model"
+    bare.mkdir()
+    (bare / "model_index.json").write_text("{}")
+    image, _ = make_scene("floating", 1)
+    synthetic = [{"image_id": "i0", "box": None, "image": encode_png(image), "array": image, "attention": None}]
+    counts = report.locate_targets(synthetic, str(bare))
+    assert counts["unknown"] == 1 and "no SAM" in counts["why_unknown"] and synthetic[0]["box"] is None
