@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import pathlib
 import sys
 
 from pydantic import ValidationError
@@ -113,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--references-from", default=None, metavar="DIR",
                         help="the folder of your copy of the request: its raw references (and masks) are read "
                         "from there for SIM, cross-object MI and replication; they never leave this machine")
+    report.add_argument("--held-out", default=None, metavar="DIR",
+                        help="images of the subject that personalization never saw (cropped, on black, as an "
+                        "L2 target is released): membership inference against the adapter")
     sweep = sub.add_parser("sweep", help="run a request under several level configurations, alphas and seeds "
                            "as one batch job, and recommend one")
     sweep.add_argument("request", help="request YAML/JSON: local path or s3:// URI")
@@ -235,13 +239,18 @@ def _report(args) -> int:
     from spinml_ray import report
     from spinml_ray.errors import StageError
     from spinml_ray.spec import load_request
+    from spinml_ray.training.classifier import IMAGE_EXTENSIONS
 
     try:
         spec = load_request(args.request)
         references, skipped = None, []
         if args.references_from:
             references, skipped = report.load_references(load_request(args.request, base_uri=args.references_from))
-        out = report.write(spec, args.storage, args.model, references, skipped)
+        held_out = None
+        if args.held_out:
+            files = sorted(f for f in os.listdir(args.held_out) if f.lower().endswith(IMAGE_EXTENSIONS))
+            held_out = [pathlib.Path(args.held_out, f).read_bytes() for f in files]
+        out = report.write(spec, args.storage, args.model, references, skipped, held_out)
     except (SpecError, StageError, FileNotFoundError, ValueError) as exc:
         print(f"spinml: error: {exc}", file=sys.stderr)
         return 2

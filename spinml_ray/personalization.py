@@ -178,6 +178,44 @@ class LoraTrainer:
                        "steps": self.step, "settings": self.settings}, handle, indent=2, sort_keys=True)
 
 
+@torch.no_grad()
+def adapter_losses(model_dir: str, adapter_dir: str, images: list[bytes], draws: int = 8, seed: int = 0,
+                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(base, adapted): per image, the mean diffusion loss over `draws` fixed (noise, timestep) pairs,
+    under the base model and with the adapter loaded, prompted with the adapter's "a photo of {token}
+    {class}". Images are prepared as in training (the crop padded to a square, at the adapter's
+    resolution). What a membership-inference attack on the adapter scores: its training crops should
+    lose more of their loss to the adapter than held-out images of the same subject."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as handle:
+        config = json.load(handle)
+    size = config["settings"]["resolution"]
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.to(device)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    ids = pipe.tokenizer(f"a photo of {config['token']} {config['class_noun']}", padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    pixels = torch.stack([augment(image, size, np.random.default_rng([seed, i])) for i, image in enumerate(images)])
+    generator = torch.Generator("cpu").manual_seed(seed)
+    latents = pipe.vae.encode(pixels.to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
+    noise = torch.randn((draws, *latents.shape), generator=generator).to(device)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (draws, len(images)), generator=generator).to(device)
+
+    def mean_losses() -> np.ndarray:
+        context = pipe.text_encoder(ids.to(device).expand(len(images), -1))[0]
+        total = torch.zeros(len(images), device=device)
+        for k in range(draws):
+            noisy = scheduler.add_noise(latents, noise[k], steps[k])
+            prediction = pipe.unet(noisy, steps[k], encoder_hidden_states=context).sample
+            total += ((prediction.float() - noise[k].float()) ** 2).mean(dim=(1, 2, 3))
+        return (total / draws).cpu().numpy()
+
+    base = mean_losses()
+    pipe.load_lora_weights(adapter_dir)
+    return base, mean_losses()
+
+
 @dataclass(frozen=True)
 class AdapterJob:
     """One request's adapter training. Its identity (what a stored state must match to be resumed) is

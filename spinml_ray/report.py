@@ -13,7 +13,9 @@ every image embedded, readable offline). What it shows:
   background). Raw references never leave the machine the report runs on; without them these
   sections say what they need;
 - membership inference against the specialized model (a loss-threshold attack: its synthetic
-  training images against its held-out validation split);
+  training images against its held-out validation split) and, given held-out images of the same
+  subject (`--held-out DIR`), against the personalization adapter (its training crops' diffusion
+  loss, calibrated by the base model's);
 - synthetic samples per label, accuracy, per-class accuracy and the confusion matrix from
   `model/metrics.json`, and the request's settings.
 
@@ -203,14 +205,40 @@ def model_membership(spec: RequestSpec, paths: storage.RequestPaths, table) -> d
             "members": attack.members, "non_members": attack.non_members}
 
 
+def adapter_membership(paths: storage.RequestPaths, model: str, rows: list[dict], held_out: list[bytes] | None) -> dict:
+    """Membership inference against the request's personalization adapter: its training crops (the
+    released L2 target crops) against held-out images of the same subject, scored by how much of
+    their diffusion loss the adapter removes (calibrated by the base model), and by the plain loss."""
+    from spinml_ray.models.source import resolve
+    from spinml_ray.personalization import LORA_WEIGHTS, adapter_losses, target_crops
+
+    manifest = storage.read_manifest(paths.adapters)
+    if manifest is None or LORA_WEIGHTS not in manifest.get("files", []):
+        return {"skipped": "the request has no personalization adapter"}
+    if not held_out:
+        return {"skipped": "needs held-out images of the same subject (--held-out DIR)"}
+    members = target_crops(rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(paths.adapters, tmp)
+        base, adapted = adapter_losses(resolve(model), tmp, members + list(held_out))
+    n = len(members)
+    gain = base - adapted  # larger where the adapter learned the image
+    calibrated = evaluation.membership_inference(gain[:n], gain[n:])
+    plain = evaluation.loss_threshold_attack(adapted[:n], adapted[n:])
+    return {"attack": "diffusion loss, calibrated by the base model", "auc": calibrated.auc,
+            "tpr_at_1_fpr": calibrated.tpr_at_1_fpr, "members": n, "non_members": len(held_out),
+            "loss_threshold": {"auc": plain.auc, "tpr_at_1_fpr": plain.tpr_at_1_fpr}}
+
+
 # ------------------------------------------------------------------------------------------------
 # the report
 
 
 def build(spec: RequestSpec, storage_root: str, model: str = "tiny", references: list[dict] | None = None,
-          skipped_references: list[str] = ()) -> tuple[dict, dict[str, bytes]]:
+          skipped_references: list[str] = (), held_out: list[bytes] | None = None) -> tuple[dict, dict[str, bytes]]:
     """(report.json's content, PNG images by name) for one request. `references`: the raw references
-    (`load_references`), or None when they are not at hand."""
+    (`load_references`), or None when they are not at hand; `held_out`: images of the same subject
+    that the adapter never saw (encoded), for membership inference against it."""
     from spinml_ray.encoders import load_encoder
 
     paths = storage.RequestPaths(storage_root, spec.tenant, spec.request_id)
@@ -263,7 +291,7 @@ def build(spec: RequestSpec, storage_root: str, model: str = "tiny", references:
 
     report["membership_inference"] = {"model": model_membership(spec, paths, table) if table is not None
                                       else {"skipped": "no synthetic images yet"},
-                                      "adapter": {"skipped": "not measured yet"}}
+                                      "adapter": adapter_membership(paths, model, rows, held_out)}
     metrics_uri = storage.join(paths.model, "metrics.json")
     if storage.read_manifest(paths.model) is not None:
         metrics = storage.read_json(metrics_uri)
@@ -275,9 +303,9 @@ def build(spec: RequestSpec, storage_root: str, model: str = "tiny", references:
 
 
 def write(spec: RequestSpec, storage_root: str, model: str = "tiny", references: list[dict] | None = None,
-          skipped_references: list[str] = ()) -> str:
+          skipped_references: list[str] = (), held_out: list[bytes] | None = None) -> str:
     """Build the report and write `report/report.json` and `report/index.html`; returns the folder."""
-    report, pictures = build(spec, storage_root, model, references, skipped_references)
+    report, pictures = build(spec, storage_root, model, references, skipped_references, held_out)
     out = storage.join(storage.RequestPaths(storage_root, spec.tenant, spec.request_id).base, "report")
     storage.write_json(storage.join(out, "report.json"), report)
     storage.write_bytes(storage.join(out, "index.html"), render(report, pictures).encode("utf-8"))

@@ -100,3 +100,21 @@ def test_text_encoder_lora_is_saved_when_asked(rows, tmp_path):
     trainer.save_adapter(str(tmp_path))
     keys = load_file(str(tmp_path / LORA_WEIGHTS)).keys()
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+
+
+def test_adapter_losses_are_fixed_draws_under_the_base_model_and_the_adapter(rows, trained):
+    from spinml_ray.personalization import adapter_losses
+
+    _, _, _, out = trained
+    members = target_crops(rows)
+    others = []
+    for i in range(2):
+        image, mask = make_scene("floating", 400 + i)
+        others += target_crops(sanitize_image(f"held-{i}", image, mask, "L2", "L1"))
+    base, adapted = adapter_losses(resolve("tiny"), out, members + others, draws=4)
+    assert base.shape == adapted.shape == (len(members) + len(others),)
+    assert np.isfinite(base).all() and np.isfinite(adapted).all() and not np.allclose(base, adapted)
+    again_base, again_adapted = adapter_losses(resolve("tiny"), out, members + others, draws=4)
+    assert np.allclose(base, again_base) and np.allclose(adapted, again_adapted)  # the same draws each time
+    # the adapter was trained on `members`: it lowers their loss (same images, noise and timesteps)
+    assert (adapted[: len(members)] < base[: len(members)]).all()

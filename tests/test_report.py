@@ -171,8 +171,9 @@ def test_the_tiny_source_ships_an_encoder_built_alone(tmp_path, monkeypatch):
 def test_targets_the_conditioning_did_not_place_are_found_by_the_autolabeller(monkeypatch):
     """Synthetic images without a box get their target segment from the auto-labeller (SAM unprompted,
     here a stand-in that finds the drawn subject), so SIM's target covers them too."""
-    from spinml_ray import segmentation
     from standins import SubjectSam, box_iou
+
+    from spinml_ray import segmentation
 
     scenes = [make_scene("floating", 500 + k) for k in range(3)]
     sam = SubjectSam(scenes)
@@ -196,3 +197,27 @@ def test_without_a_sam_unplaced_targets_stay_unknown_and_the_report_says_why(tmp
     synthetic = [{"image_id": "i0", "box": None, "image": encode_png(image), "array": image, "attention": None}]
     counts = report.locate_targets(synthetic, str(bare))
     assert counts["unknown"] == 1 and "no SAM" in counts["why_unknown"] and synthetic[0]["box"] is None
+
+
+def test_membership_inference_against_the_adapter_needs_held_out_images(ran, tmp_path):
+    from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, AdapterJob, target_crops, train_adapter
+    from spinml_ray.sanitizer import sanitize_image
+
+    _, root, spec, _, rows = ran
+    copy = str(tmp_path / "storage")
+    shutil.copytree(root, copy)
+    paths = storage.RequestPaths(copy, spec.tenant, spec.request_id)
+    settings = dict(rank=4, train_text_encoder=False, resolution=32, seed=0, token="sks", class_noun="rubber duck",
+                    batch_size=2, prior_preservation=False, prior_loss_weight=1.0, steps=6, learning_rate=1e-3,
+                    checkpoint_every=6)
+    train_adapter(AdapterJob(model="tiny", settings=settings, instance=target_crops(rows), class_images=[],
+                             out=paths.adapters, state_uri=str(tmp_path / "state.pt")))
+    storage.commit(paths.adapters, [LORA_WEIGHTS, ADAPTER_CONFIG], token="sks")
+    assert "--held-out" in report.adapter_membership(paths, "tiny", rows, None)["skipped"]
+    held_out = []  # the same duck in scenes personalization never saw, cropped as an L2 target is released
+    for k in range(3):
+        image, mask = make_scene("floating", 700 + k)
+        held_out += target_crops(sanitize_image(f"held-{k}", image, mask, "L2", "L0"))
+    found = report.adapter_membership(paths, "tiny", rows, held_out)
+    assert found["members"] == len(target_crops(rows)) and found["non_members"] == 3
+    assert 0 <= found["auc"] <= 1 and 0 <= found["loss_threshold"]["auc"] <= 1
