@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--held-out", default=None, metavar="DIR",
                         help="images of the subject that personalization never saw (cropped, on black, as an "
                         "L2 target is released): membership inference against the adapter")
+    report.add_argument("--shadow-models", type=int, default=0, metavar="K",
+                        help="LiRA against the trained model with K shadow models (a training each; default 0)")
     sweep = sub.add_parser("sweep", help="run a request under several level configurations, alphas and seeds "
                            "as one batch job, and recommend one")
     sweep.add_argument("request", help="request YAML/JSON: local path or s3:// URI")
@@ -250,7 +252,7 @@ def _report(args) -> int:
         if args.held_out:
             files = sorted(f for f in os.listdir(args.held_out) if f.lower().endswith(IMAGE_EXTENSIONS))
             held_out = [pathlib.Path(args.held_out, f).read_bytes() for f in files]
-        out = report.write(spec, args.storage, args.model, references, skipped, held_out)
+        out = report.write(spec, args.storage, args.model, references, skipped, held_out, args.shadow_models)
     except (SpecError, StageError, FileNotFoundError, ValueError) as exc:
         print(f"spinml: error: {exc}", file=sys.stderr)
         return 2

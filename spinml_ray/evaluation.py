@@ -116,3 +116,45 @@ def loss_threshold_attack(member_losses: np.ndarray, non_member_losses: np.ndarr
     """The plain loss-threshold attack: lower loss, more likely a member."""
     return membership_inference(-np.asarray(member_losses, dtype=np.float64),
                                 -np.asarray(non_member_losses, dtype=np.float64))
+
+
+def logit_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per example, log(p / (1 - p)) of the true label's softmax probability p: the scale on which a
+    model's confidence is close to Gaussian across models (what LiRA fits), computed without overflow."""
+    from scipy.special import logsumexp
+
+    z = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(z))
+    y = np.asarray(labels).astype(int)
+    others = z.copy()
+    others[rows, y] = -np.inf
+    return z[rows, y] - logsumexp(others, axis=1)  # log p - log(1 - p), each over the same normaliser
+
+
+def lira_scores(target: np.ndarray, shadow: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """LiRA (the likelihood-ratio attack of Carlini et al.), per example: the log-likelihood of its
+    confidence under the attacked model (`target`, n) under a Gaussian fit to its confidences in the
+    shadow models that trained on it, less that under those that did not. `shadow` (k x n) holds the
+    confidences under k shadow models and `inside` (k x n) whether each trained on each example. With
+    few shadows the variance is shared across examples (the fixed-variance variant); an example that
+    no shadow saw in (or out) takes the mean over all examples in (or out). Higher: more likely a member."""
+    target = np.asarray(target, dtype=np.float64)
+    shadow = np.asarray(shadow, dtype=np.float64)
+    inside = np.asarray(inside, dtype=bool)
+    if shadow.shape != inside.shape or shadow.shape[1:] != target.shape:
+        raise ValueError(f"shapes differ: target {target.shape}, shadow {shadow.shape}, inside {inside.shape}")
+    if not inside.any() or inside.all():
+        raise ValueError("LiRA needs shadow models both with and without the examples")
+
+    def fit(mask: np.ndarray) -> tuple[np.ndarray, float]:
+        counts = mask.sum(axis=0)
+        overall = shadow[mask].mean()
+        means = np.where(counts > 0, (shadow * mask).sum(axis=0) / np.maximum(counts, 1), overall)
+        spread = float(np.sqrt(((shadow - means)[mask] ** 2).mean())) if mask.sum() > 1 else 1.0
+        return means, max(spread, 1e-3)
+
+    mean_in, sd_in = fit(inside)
+    mean_out, sd_out = fit(~inside)
+    log_in = -0.5 * ((target - mean_in) / sd_in) ** 2 - np.log(sd_in)
+    log_out = -0.5 * ((target - mean_out) / sd_out) ** 2 - np.log(sd_out)
+    return log_in - log_out

@@ -13,7 +13,7 @@ every image embedded, readable offline). What it shows:
   background). Raw references never leave the machine the report runs on; without them these
   sections say what they need;
 - membership inference against the specialized model (a loss-threshold attack: its synthetic
-  training images against its held-out validation split) and, given held-out images of the same
+  training images against its held-out validation split; LiRA with `--shadow-models K`) and, given held-out images of the same
   subject (`--held-out DIR`), against the personalization adapter (its training crops' diffusion
   loss, calibrated by the base model's);
 - synthetic samples per label, accuracy, per-class accuracy and the confusion matrix from
@@ -179,30 +179,42 @@ def replication(encoder, synthetic: list[dict], against: list[np.ndarray], what:
             "closest": [{"synthetic": synthetic[i]["image_id"], "index": j, "similarity": v} for i, j, v in found.closest]}
 
 
-@torch.no_grad()
-def model_membership(spec: RequestSpec, paths: storage.RequestPaths, table) -> dict:
-    """Loss-threshold membership inference against the specialized model: its training split of the
-    synthetic images (members) against its validation split (held out, same distribution)."""
+def model_membership(spec: RequestSpec, paths: storage.RequestPaths, table, shadows: int = 0) -> dict:
+    """Membership inference against the specialized model: its training split of the synthetic images
+    (members) against its validation split (held out, same distribution). A loss-threshold attack, and
+    with `shadows` > 0 LiRA: that many shadow models trained like it on random halves of the synthetic
+    images calibrate each image's confidence (costly: a training each)."""
     if spec.task != "classification":
         return {"skipped": "membership inference is measured for classification models"}
-    manifest = storage.read_manifest(paths.model)
-    if manifest is None:
+    if storage.read_manifest(paths.model) is None:
         return {"skipped": "no trained model yet"}
     training = spec.training
     model = classifier.build_model(training.architecture, len(spec.labels))
     model.load_state_dict(torch.load(io.BytesIO(storage.read_bytes(storage.join(paths.model, "model.pt"))),
                                      map_location="cpu"))
-    model.eval()
     images = classifier.images_to_uint8(table.column("image").to_pylist(), training.image_size)
     targets = torch.tensor(table.column("label_index").to_pylist(), dtype=torch.long)
     train_idx, val_idx = classifier.split_train_val(len(targets), 0.1, spec.synthesis.seed)
     if len(val_idx) == 0:
         return {"skipped": "too few synthetic images to hold any out"}
-    logits = torch.cat([model(classifier.normalize(images[i:i + 64])) for i in range(0, len(images), 64)])
+    logits = classifier.logits(model, images)
     losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none").numpy()
     attack = evaluation.loss_threshold_attack(losses[train_idx], losses[val_idx])
-    return {"attack": "loss threshold", "auc": attack.auc, "tpr_at_1_fpr": attack.tpr_at_1_fpr,
-            "members": attack.members, "non_members": attack.non_members}
+    result = {"attack": "loss threshold", "auc": attack.auc, "tpr_at_1_fpr": attack.tpr_at_1_fpr,
+              "members": attack.members, "non_members": attack.non_members}
+    if shadows:
+        inside = np.random.default_rng(spec.synthesis.seed).random((shadows, len(targets))) < 0.5
+        confidences = []
+        for k in range(shadows):
+            chosen = torch.from_numpy(np.nonzero(inside[k])[0])
+            shadow = classifier.fit_plain(images[chosen], targets[chosen], training.architecture, len(spec.labels),
+                                          training.epochs, training.batch_size, training.learning_rate, seed=k)
+            confidences.append(evaluation.logit_confidence(classifier.logits(shadow, images).numpy(), targets.numpy()))
+        scores = evaluation.lira_scores(evaluation.logit_confidence(logits.numpy(), targets.numpy()),
+                                        np.stack(confidences), inside)
+        lira = evaluation.membership_inference(scores[train_idx], scores[val_idx])
+        result["lira"] = {"shadow_models": shadows, "auc": lira.auc, "tpr_at_1_fpr": lira.tpr_at_1_fpr}
+    return result
 
 
 def adapter_membership(paths: storage.RequestPaths, model: str, rows: list[dict], held_out: list[bytes] | None) -> dict:
@@ -235,10 +247,12 @@ def adapter_membership(paths: storage.RequestPaths, model: str, rows: list[dict]
 
 
 def build(spec: RequestSpec, storage_root: str, model: str = "tiny", references: list[dict] | None = None,
-          skipped_references: list[str] = (), held_out: list[bytes] | None = None) -> tuple[dict, dict[str, bytes]]:
+          skipped_references: list[str] = (), held_out: list[bytes] | None = None,
+          shadows: int = 0) -> tuple[dict, dict[str, bytes]]:
     """(report.json's content, PNG images by name) for one request. `references`: the raw references
     (`load_references`), or None when they are not at hand; `held_out`: images of the same subject
-    that the adapter never saw (encoded), for membership inference against it."""
+    that the adapter never saw (encoded), for membership inference against it; `shadows`: shadow models
+    for LiRA against the specialized model (0: the loss-threshold attack only)."""
     from spinml_ray.encoders import load_encoder
 
     paths = storage.RequestPaths(storage_root, spec.tenant, spec.request_id)
@@ -289,7 +303,7 @@ def build(spec: RequestSpec, storage_root: str, model: str = "tiny", references:
                 pictures["closest"] = _pairs([(by_id[c["synthetic"]], references[c["index"]]["image"], c["similarity"])
                                               for c in found["closest"]])
 
-    report["membership_inference"] = {"model": model_membership(spec, paths, table) if table is not None
+    report["membership_inference"] = {"model": model_membership(spec, paths, table, shadows) if table is not None
                                       else {"skipped": "no synthetic images yet"},
                                       "adapter": adapter_membership(paths, model, rows, held_out)}
     metrics_uri = storage.join(paths.model, "metrics.json")
@@ -303,9 +317,9 @@ def build(spec: RequestSpec, storage_root: str, model: str = "tiny", references:
 
 
 def write(spec: RequestSpec, storage_root: str, model: str = "tiny", references: list[dict] | None = None,
-          skipped_references: list[str] = (), held_out: list[bytes] | None = None) -> str:
+          skipped_references: list[str] = (), held_out: list[bytes] | None = None, shadows: int = 0) -> str:
     """Build the report and write `report/report.json` and `report/index.html`; returns the folder."""
-    report, pictures = build(spec, storage_root, model, references, skipped_references, held_out)
+    report, pictures = build(spec, storage_root, model, references, skipped_references, held_out, shadows)
     out = storage.join(storage.RequestPaths(storage_root, spec.tenant, spec.request_id).base, "report")
     storage.write_json(storage.join(out, "report.json"), report)
     storage.write_bytes(storage.join(out, "index.html"), render(report, pictures).encode("utf-8"))
@@ -414,6 +428,8 @@ def _replication(found: dict) -> str:
 def _membership(found: dict) -> str:
     rows = [[what, v.get("auc"), v.get("tpr_at_1_fpr"), v.get("members"), v.get("non_members"), v.get("skipped")]
             for what, v in found.items()]
+    rows += [[f"{what}, {key.replace('_', ' ')}", v[key]["auc"], v[key]["tpr_at_1_fpr"], v.get("members"),
+              v.get("non_members"), None] for what, v in found.items() for key in ("lira", "loss_threshold") if key in v]
     return _table(["attacked", "AUC", "TPR at 1% FPR", "members", "non-members", "not measured because"], rows)
 
 

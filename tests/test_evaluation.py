@@ -107,3 +107,34 @@ def test_membership_inference_at_the_extremes_and_at_chance():
     assert inverted.auc == 0.0 and inverted.tpr_at_1_fpr == 0.0
     with pytest.raises(ValueError, match="at least one member"):
         evaluation.membership_inference(np.array([]), np.ones(3))
+
+
+def test_logit_confidence_matches_the_probability_and_survives_large_logits():
+    from spinml_ray.evaluation import logit_confidence
+
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [1000.0, -1000.0, 0.0]])
+    p = np.exp(logits[:2]) / np.exp(logits[:2]).sum(axis=1, keepdims=True)
+    expected = np.log(p[[0, 1], [0, 2]] / (1 - p[[0, 1], [0, 2]]))
+    found = logit_confidence(logits, np.array([0, 2, 0]))
+    assert np.allclose(found[:2], expected) and np.isfinite(found[2]) and found[2] > 100
+
+
+def test_lira_separates_members_whose_confidence_the_shadows_predict():
+    """Shadows that trained on an example are more confident on it; the attacked model is confident on
+    its members only: LiRA finds them, and finds nothing when the attacked model treats all alike."""
+    from spinml_ray.evaluation import lira_scores, membership_inference
+
+    rng = np.random.default_rng(0)
+    k, n = 16, 200
+    inside = rng.random((k, n)) < 0.5
+    difficulty = rng.normal(0, 2, n)  # per-example offset: why calibration by shadows helps
+    shadow = difficulty + 3.0 * inside + rng.normal(0, 0.5, (k, n))
+    member = np.arange(n) < n // 2
+    target = difficulty + 3.0 * member + rng.normal(0, 0.5, n)
+    scores = lira_scores(target, shadow, inside)
+    attack = membership_inference(scores[member], scores[~member])
+    assert attack.auc > 0.95 and attack.tpr_at_1_fpr > 0.3
+    blind = lira_scores(difficulty + 1.5 + rng.normal(0, 0.5, n), shadow, inside)
+    assert abs(membership_inference(blind[member], blind[~member]).auc - 0.5) < 0.12
+    with pytest.raises(ValueError, match="both with and without"):
+        lira_scores(target, shadow, np.ones_like(inside))

@@ -83,6 +83,7 @@ def test_the_report_measures_what_left_and_what_was_made(ran):
     assert len(closest) == 5 and [c["similarity"] for c in closest] == sorted((c["similarity"] for c in closest), reverse=True)
     inference = found["membership_inference"]["model"]
     assert 0 <= inference["auc"] <= 1 and inference["members"] + inference["non_members"] == 6 * len(spec.labels)
+    assert "lira" not in inference  # shadow models are opt-in: a training each
     assert found["metrics"]["accuracy"] is not None and len(found["metrics"]["confusion"]) == len(spec.labels)
     assert found["synthetic"]["per_label"] == {label: 6 for label in spec.label_names}
     assert set(pictures) == {"released", "samples", "closest", "confusion"}
@@ -221,3 +222,11 @@ def test_membership_inference_against_the_adapter_needs_held_out_images(ran, tmp
     found = report.adapter_membership(paths, "tiny", rows, held_out)
     assert found["members"] == len(target_crops(rows)) and found["non_members"] == 3
     assert 0 <= found["auc"] <= 1 and 0 <= found["loss_threshold"]["auc"] <= 1
+
+
+def test_lira_against_the_trained_model_with_shadow_models(ran):
+    _, root, spec, paths, _ = ran
+    table = storage.read_committed_table(paths.synthetic)
+    found = report.model_membership(spec, paths, table, shadows=4)
+    assert found["lira"]["shadow_models"] == 4 and 0 <= found["lira"]["auc"] <= 1
+    assert found["auc"] == report.model_membership(spec, paths, table)["auc"]  # the loss attack is unchanged

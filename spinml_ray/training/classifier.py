@@ -108,6 +108,29 @@ def evaluate(model, images: torch.Tensor, targets: torch.Tensor, num_classes: in
     return {"accuracy": accuracy, "per_class_accuracy": per_class, "confusion": confusion.tolist(), "n": len(targets)}
 
 
+@torch.no_grad()
+def logits(model, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The model's logits for uint8 images (N x C, on the CPU)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(normalize(images[i:i + batch_size].to(device))).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty((0, 0))
+
+
+def fit_plain(images: torch.Tensor, targets: torch.Tensor, architecture: str, num_classes: int, epochs: int,
+              batch_size: int, learning_rate: float, seed: int) -> torch.nn.Module:
+    """A classifier trained from scratch in this process (Adam, shuffled batches): for shadow models."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(architecture, num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    for _ in range(epochs):
+        order = torch.randperm(len(targets), generator=generator)
+        train_epoch(model, [(images[order[i:i + batch_size]], targets[order[i:i + batch_size]])
+                            for i in range(0, len(order), batch_size)], optimizer, "cpu")
+    return model
+
+
 def labelled_files(uri: str, labels: list[str]):
     """(label index, label, file URI) for every image in `{uri}/{label}/`, for the labels given (other
     folders and non-image files are ignored)."""
