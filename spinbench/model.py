@@ -611,6 +611,10 @@ def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps:
         }
         report["wall_seconds"] = time.time() - start
         save(trainer, tmp, report)
+        # the source's image encoder for SIM and replication, also from the public corpus (spinbench/encoder.py)
+        from spinbench.encoder import build as build_encoder
+
+        build_encoder(os.path.join(tmp, "encoders"), seed=seed, quiet=quiet)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)

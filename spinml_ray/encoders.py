@@ -39,7 +39,7 @@ class Encoder:
                     break
             else:
                 value = out.last_hidden_state.mean(dim=1)
-            rows.append(value.float().cpu().numpy())
+            rows.append(value.flatten(1).float().cpu().numpy())  # a CNN's pooled output is N x C x 1 x 1
         return np.concatenate(rows) if rows else np.empty((0, 0), dtype=np.float32)
 
 
