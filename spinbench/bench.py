@@ -20,17 +20,18 @@ import time
 import yaml
 
 from spinbench.baselines import BASELINES, Training, run_baseline
-from spinbench.world import STATES, make_user, request_document, user_samples, write_user_request
+from spinbench.world import STATES, make_user, user_samples, write_user_request
 from spinml_ray.ray_layer.pipeline import STAGE_NAMES as STAGES
-from spinml_ray.sweep import Variant, mean_sd
+from spinml_ray.spec import load_request
+from spinml_ray.sweep import Variant, mean_sd, write_variants
 
 CONFIGS = ("L0_L0", "L1_L0", "L0_L1", "L1_L1", "L2_L0", "L2_L2")
 ALPHA_CONFIG = "L2_L0"  # where the mixing fraction alpha is swept
 
 
 def user_base(user_seed: int) -> str:
-    """The request-id stem of a user's runs: a run's id is `Variant.request_id(user_base(user))`."""
-    return f"spinbench-u{user_seed}"
+    """The user's request id (`spinml spinbench world`'s); a run's id is `Variant.request_id(user_base(user))`."""
+    return f"spinbench-user-{user_seed}"
 
 
 def plan(configs=CONFIGS, alphas=(0.0,), seeds: int = 5, alpha_config: str = ALPHA_CONFIG) -> list[Variant]:
@@ -41,27 +42,17 @@ def plan(configs=CONFIGS, alphas=(0.0,), seeds: int = 5, alpha_config: str = ALP
 
 def write_requests(user_seed: int, out_dir: str, runs: list[Variant], synthesis: dict, training: Training,
                    personalization: dict, references_per_state: int, test_per_state: int) -> str:
-    """The user's world in `out_dir` and one request per run beside its `request.yaml` (so each names
-    only files in its own folder); returns the manifest's path."""
-    write_user_request(user_seed, out_dir, references_per_state=references_per_state, test_per_state=test_per_state)
-    with open(os.path.join(out_dir, "request.yaml")) as handle:
-        references = yaml.safe_load(handle)["references"]
-    user = make_user(user_seed)
-    names = []
-    for run in runs:
-        target, background = run.config.split("_")
-        document = request_document(user, references, {"target": target, "background": background, "alpha": run.alpha},
-                                    {**synthesis, "seed": run.seed}, vars(training))
-        document["request_id"] = run.request_id(user_base(user_seed))
-        document["personalization"] = personalization
-        name = f"{run.name}-s{run.seed}.yaml"
-        with open(os.path.join(out_dir, name), "w") as handle:
-            yaml.safe_dump(document, handle, sort_keys=False)
-        names.append(name)
-    manifest = os.path.join(out_dir, "manifest.yaml")
-    with open(manifest, "w") as handle:
-        yaml.safe_dump({"requests": names}, handle)
-    return manifest
+    """The user's world in `out_dir` (its request with the benchmark's settings) and the runs as the
+    sweep writes them (`spinml_ray.sweep.write_variants`): `spinml sweep` of that request with the same
+    configurations, alphas and seeds runs the very same requests. Returns the manifest's path."""
+    request = write_user_request(user_seed, out_dir, references_per_state=references_per_state,
+                                 test_per_state=test_per_state, synthesis=synthesis, training=vars(training))
+    with open(request) as handle:
+        document = yaml.safe_load(handle)
+    document["personalization"] = personalization
+    with open(request, "w") as handle:
+        yaml.safe_dump(document, handle, sort_keys=False)
+    return write_variants(request, load_request(request), runs)
 
 
 def _request_result(storage_root: str, request_id: str, row: dict) -> dict:
