@@ -114,6 +114,11 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
         if sims:
             entry["sim"] = {obj: mean_sd([s.get(obj) for s in sims])["mean"] for obj in ("target", "background")}
         out[name] = entry
+    base = out.get("L0_L0-a0", {}).get("sim")
+    for entry in out.values():  # dSIM: how much closer to the user's images than sharing nothing came
+        if base and entry.get("sim"):
+            entry["dsim"] = {obj: None if entry["sim"][obj] is None or base[obj] is None else entry["sim"][obj] - base[obj]
+                             for obj in ("target", "background")}
     return out
 
 
@@ -186,11 +191,12 @@ def plot(results: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
     configurations = results["configurations"]
-    for name, e in configurations.items():
-        if e["accuracy"]["mean"] is None:
-            continue
+    trained = {n: e for n, e in configurations.items() if e["accuracy"]["mean"] is not None}
+    with_sim = any(e.get("sim") for e in trained.values())
+    figure, panels = plt.subplots(1, 2 if with_sim else 1, figsize=(12 if with_sim else 7, 4.5), dpi=110, squeeze=False)
+    axes = panels[0][0]
+    for name, e in trained.items():
         axes.errorbar(e["leakage"], e["accuracy"]["mean"], yerr=e["accuracy"]["sd"], fmt="o", capsize=3)
         axes.annotate(name.removesuffix("-a0"), (e["leakage"], e["accuracy"]["mean"]), textcoords="offset points",
                       xytext=(5, 4), fontsize=8)
@@ -200,9 +206,18 @@ def plot(results: dict) -> bytes:
                   "--", color="grey", linewidth=1, label="Pareto front")
         axes.legend(fontsize=8, loc="lower right")
     axes.set_xlabel("MI released (target + background)")
+    if with_sim:  # the same points against how close the synthetic targets came to the user's (SIM)
+        sim_axes = panels[0][1]
+        for name, e in trained.items():
+            if e.get("sim") and e["sim"].get("target") is not None:
+                sim_axes.errorbar(e["sim"]["target"], e["accuracy"]["mean"], yerr=e["accuracy"]["sd"], fmt="o", capsize=3)
+                sim_axes.annotate(name.removesuffix("-a0"), (e["sim"]["target"], e["accuracy"]["mean"]),
+                                  textcoords="offset points", xytext=(5, 4), fontsize=8)
+        sim_axes.set_xlabel("SIM, target (synthetic vs the user's references)")
+        sim_axes.set_ylim(0, 1.02)
     axes.set_ylabel("accuracy on the real test set")
     axes.set_ylim(0, 1.02)
-    axes.set_title(f"Sweep of {results['request_id']}: accuracy against leakage")
+    figure.suptitle(f"Sweep of {results['request_id']}: accuracy against leakage")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -224,7 +239,7 @@ def page(results: dict, picture: bytes) -> str:
 
 
 def variant_result(storage_root: str, spec: RequestSpec, run: Variant, row: dict, encoder=None,
-                   references: list[dict] | None = None) -> dict:
+                   references: list[dict] | None = None, model: str = "tiny") -> dict:
     """One variant's row for `summarize`: its batch status, and once trained its accuracy, MI per object,
     with the raw references the target's release about the background (cross-object MI, computed here,
     where the references are), and with an encoder too SIM per object."""
@@ -245,8 +260,10 @@ def variant_result(storage_root: str, spec: RequestSpec, run: Variant, row: dict
         result["mi_cross"] = report.cross_object_mi(references, target, (spec.sanitization.canny_low,
                                                                          spec.sanitization.canny_high))
     if encoder is not None and references:
-        synthetic = [{**r, "array": decode_rgb(r["image"])} for r in
-                     storage.read_committed_table(paths.synthetic).select(["pool", "box", "image"]).to_pylist()]
+        table = storage.read_committed_table(paths.synthetic)
+        columns = [c for c in ("image_id", "pool", "box", "image", "attention") if c in table.column_names]
+        synthetic = [{**r, "array": decode_rgb(r["image"])} for r in table.select(columns).to_pylist()]
+        report.locate_targets(synthetic, model)  # targets the conditioning did not place, as the report finds them
         found = report.similarity(encoder, synthetic, references)
         result["sim"] = {obj: e["sim"] for obj, e in found.get("objects", {}).items()}
     return result

@@ -122,6 +122,10 @@ def test_spinml_sweep_runs_the_variants_as_one_batch_and_recommends(tmp_path, sy
     for entry in results["configurations"].values():
         assert entry["accuracy"]["n"] == 1 and 0 <= entry["accuracy"]["mean"] <= 1
         assert set(entry["sim"]) == {"target", "background"}
+    base = results["configurations"]["L0_L0-a0"]["sim"]
+    for entry in results["configurations"].values():  # the tiny model's targets are placed only at L1
+        assert entry["dsim"]["background"] == pytest.approx(entry["sim"]["background"] - base["background"])
+    assert base["target"] is None and results["configurations"]["L1_L0-a0"]["dsim"]["target"] is None
     cross = {n: e["mi_target_about_background"] for n, e in results["configurations"].items()}
     assert cross["L0_L0-a0"] == 0 < cross["L1_L0-a0"] == cross["L1_L0-a0.25"]
     assert results["configurations"]["L0_L0-a0"]["leakage"] == 0 < results["configurations"]["L1_L0-a0"]["leakage"]

@@ -26,6 +26,7 @@ def run_sweep(request_uri: str, storage_root: str, configs: tuple[str, ...], alp
     if references_from:
         references, _ = report.load_references(load_request(request_uri, base_uri=references_from))
         encoder = load_encoder(model)
-    rows = [sweep.variant_result(storage_root, spec, run, row, encoder, references) for run, row in zip(runs, summary)]
+    rows = [sweep.variant_result(storage_root, spec, run, row, encoder, references, model)
+            for run, row in zip(runs, summary)]
     results = sweep.results_of(spec, rows, seeds, target_accuracy, within)
     return results, sweep.write(results, storage_root)
