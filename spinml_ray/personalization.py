@@ -26,14 +26,24 @@ from PIL import Image
 
 from spinml_ray import storage
 from spinml_ray.images import decode_png, encode_png
+from spinml_ray.synthesis.engine import FULL_UNET, LORA_WEIGHTS  # noqa: F401 (where adapters' files are named)
 from spinml_ray.training import resume
 from spinml_ray.training.loop import Workers, unwrapped
 
 ADAPTER_CONFIG = "adapter.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 STATE_FILE = "lora_state.pt"
+
+
+def adapter_files(method: str) -> list[str]:
+    """What a committed adapter folder holds: the LoRA weights, or (`full`) the whole UNet's folder."""
+    return [FULL_UNET if method == "full" else LORA_WEIGHTS, ADAPTER_CONFIG]
+
+
+def adapter_method(files: list[str]) -> str | None:
+    """"lora" or "full" for a committed adapter's file list (its manifest's `files`), else None."""
+    return "full" if FULL_UNET in files else "lora" if LORA_WEIGHTS in files else None
 
 
 def target_crops(rows: list[dict]) -> list[bytes]:
@@ -80,8 +90,13 @@ class LoraTrainer:
             module.requires_grad_(False)
             module.to(device)
         rank = settings["rank"]
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
-        if settings["train_text_encoder"]:  # peft directly: transformers' own add_adapter wants peft >= 0.22
+        self.full = settings.get("method", "lora") == "full"
+        if self.full:  # DreamBooth as published: every UNet weight trains (the text encoder stays frozen)
+            self.unet.requires_grad_(True)
+        else:
+            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                             target_modules=UNET_TARGETS))
+        if settings["train_text_encoder"] and not self.full:  # peft directly: transformers' own add_adapter wants peft >= 0.22
             from peft import inject_adapter_in_model
 
             self.text_encoder = inject_adapter_in_model(
@@ -101,7 +116,7 @@ class LoraTrainer:
                               truncation=True, return_tensors="pt").input_ids.to(self.device)
 
     def trainable(self) -> list[torch.nn.Parameter]:
-        modules = [self.unet] + ([self.text_encoder] if self.settings["train_text_encoder"] else [])
+        modules = [self.unet] + ([self.text_encoder] if self.settings["train_text_encoder"] and not self.full else [])
         return [p for m in modules for p in m.parameters() if p.requires_grad]
 
     def _batch(self, images: list[bytes], n: int) -> torch.Tensor:
@@ -147,8 +162,11 @@ class LoraTrainer:
         return self.loss(pixels, self.instance_ids, noise, timesteps).item()
 
     def lora_state(self) -> dict:
+        """What training changed: the LoRA weights, or (`full`) the whole UNet's state dict."""
         from peft.utils import get_peft_model_state_dict
 
+        if self.full:
+            return {"unet_full": {k: v.detach().clone() for k, v in self.unet.state_dict().items()}}
         state = {"unet": get_peft_model_state_dict(self.unet)}
         if self.settings["train_text_encoder"]:
             state["text_encoder"] = get_peft_model_state_dict(self.text_encoder)
@@ -157,12 +175,26 @@ class LoraTrainer:
     def load_lora_state(self, state: dict) -> None:
         from peft.utils import set_peft_model_state_dict
 
+        if "unet_full" in state:
+            self.unet.load_state_dict(state["unet_full"])
+            return
         set_peft_model_state_dict(self.unet, state["unet"])
         if "text_encoder" in state:
             set_peft_model_state_dict(self.text_encoder, state["text_encoder"])
 
     def save_adapter(self, out_dir: str) -> None:
-        """diffusers' `save_lora_weights` layout, plus `adapter.json` (token, class noun, settings)."""
+        """diffusers' `save_lora_weights` layout (or, `full`, the UNet's `save_pretrained` folder `unet/`),
+        plus `adapter.json` (token, class noun, method, settings)."""
+        if self.full:
+            self.unet.save_pretrained(os.path.join(out_dir, FULL_UNET))
+        else:
+            self._save_lora(out_dir)
+        with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as handle:
+            json.dump({"token": self.settings["token"], "class_noun": self.settings["class_noun"],
+                       "method": "full" if self.full else "lora", "steps": self.step, "settings": self.settings},
+                      handle, indent=2, sort_keys=True)
+
+    def _save_lora(self, out_dir: str) -> None:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -173,9 +205,6 @@ class LoraTrainer:
             text_encoder_lora_layers=convert_state_dict_to_diffusers(state["text_encoder"]) if "text_encoder" in state else None,
             safe_serialization=True,
         )
-        with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as handle:
-            json.dump({"token": self.settings["token"], "class_noun": self.settings["class_noun"],
-                       "steps": self.step, "settings": self.settings}, handle, indent=2, sort_keys=True)
 
 
 @torch.no_grad()
@@ -212,7 +241,12 @@ def adapter_losses(model_dir: str, adapter_dir: str, images: list[bytes], draws:
         return (total / draws).cpu().numpy()
 
     base = mean_losses()
-    pipe.load_lora_weights(adapter_dir)
+    if config.get("method") == "full":
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(adapter_dir, FULL_UNET)).to(device)
+    else:
+        pipe.load_lora_weights(adapter_dir)
     return base, mean_losses()
 
 

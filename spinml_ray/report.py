@@ -222,10 +222,10 @@ def adapter_membership(paths: storage.RequestPaths, model: str, rows: list[dict]
     released L2 target crops) against held-out images of the same subject, scored by how much of
     their diffusion loss the adapter removes (calibrated by the base model), and by the plain loss."""
     from spinml_ray.models.source import resolve
-    from spinml_ray.personalization import LORA_WEIGHTS, adapter_losses, target_crops
+    from spinml_ray.personalization import adapter_losses, adapter_method, target_crops
 
     manifest = storage.read_manifest(paths.adapters)
-    if manifest is None or LORA_WEIGHTS not in manifest.get("files", []):
+    if manifest is None or adapter_method(manifest.get("files", [])) is None:
         return {"skipped": "the request has no personalization adapter"}
     if not held_out:
         return {"skipped": "needs held-out images of the same subject (--held-out DIR)"}

@@ -120,13 +120,20 @@ class SynthesisSpec(_Strict):
         return value
 
 
-class PersonalizationSpec(_Strict):
-    """DreamBooth-LoRA on the released L2 target (runs only when the target is at L2).
+FULL_DREAMBOOTH_LEARNING_RATE = 5e-6  # DreamBooth's published rate for the whole UNet (the SpinML artifact's)
 
-    Defaults follow DreamBooth practice for LoRA: identifier 'sks', rank 4, lr 1e-4, 400 steps, prior
-    preservation with weight 1.0 on class images made by the base model."""
+
+class PersonalizationSpec(_Strict):
+    """DreamBooth on the released L2 target (runs only when the target is at L2).
+
+    `method: lora` (the default) trains a LoRA adapter: one base model serves every user, an adapter is
+    a few MB. `method: full` fine-tunes the whole UNet, as DreamBooth was published (GPU-sized: on SD 1.5
+    860 M parameters with Adam's state, and the service holds a whole UNet per request it serves).
+    Defaults follow DreamBooth practice: identifier 'sks', rank 4, lr 1e-4 for LoRA and 5e-6 for the
+    whole UNet, 400 steps, prior preservation with weight 1.0 on class images made by the base model."""
 
     enabled: bool = True
+    method: Literal["lora", "full"] = "lora"
     token: str = Field(default="sks", pattern=r"^[a-z]{2,12}$")
     class_noun: str | None = Field(default=None, description="default: the request's subject")
     steps: int = Field(default=400, ge=1, le=100_000)
@@ -142,6 +149,14 @@ class PersonalizationSpec(_Strict):
     num_workers: int = Field(default=1, ge=1, le=1024)
     gpu_fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="GPU share per worker on GPU clusters")
     seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _full_rate(cls, data):
+        """The whole UNet takes DreamBooth's own rate unless the request names one."""
+        if isinstance(data, dict) and data.get("method") == "full" and "learning_rate" not in data:
+            return {**data, "learning_rate": FULL_DREAMBOOTH_LEARNING_RATE}
+        return data
 
 
 CLASSIFIERS = ("mobilenet_v2", "resnet18")

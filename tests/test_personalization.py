@@ -118,3 +118,48 @@ def test_adapter_losses_are_fixed_draws_under_the_base_model_and_the_adapter(row
     assert np.allclose(base, again_base) and np.allclose(adapted, again_adapted)  # the same draws each time
     # the adapter was trained on `members`: it lowers their loss (same images, noise and timesteps)
     assert (adapted[: len(members)] < base[: len(members)]).all()
+
+
+@pytest.fixture(scope="module")
+def full_model(rows, tmp_path_factory):
+    """`method: full`: the whole tiny UNet fine-tuned a few steps (a large rate, so it visibly moves)."""
+    settings = {**SETTINGS, "method": "full", "steps": 4, "learning_rate": 1e-3, "prior_preservation": False}
+    trainer = LoraTrainer(resolve("tiny"), settings, target_crops(rows), [])
+    optimizer = torch.optim.AdamW(trainer.trainable(), lr=settings["learning_rate"])
+    for _ in range(settings["steps"]):
+        trainer.train_step(optimizer)
+    out = str(tmp_path_factory.mktemp("full"))
+    trainer.save_adapter(out)
+    return trainer, out
+
+
+def test_full_dreambooth_trains_every_unet_weight_and_saves_the_unet(rows, full_model):
+    from spinml_ray.personalization import FULL_UNET, adapter_files, adapter_method
+
+    trainer, out = full_model
+    assert {id(p) for p in trainer.trainable()} == {id(p) for p in trainer.unet.parameters()}
+    assert not any(p.requires_grad for p in trainer.text_encoder.parameters())
+    assert sorted(os.listdir(out)) == sorted(adapter_files("full")) and adapter_method(os.listdir(out)) == "full"
+    assert os.path.exists(os.path.join(out, FULL_UNET, "config.json"))
+    assert json.load(open(os.path.join(out, ADAPTER_CONFIG)))["method"] == "full"
+    fresh = LoraTrainer(resolve("tiny"), {**SETTINGS, "method": "full"}, target_crops(rows), [])
+    assert fresh.fixed_loss() != pytest.approx(trainer.fixed_loss(), rel=1e-6)
+    fresh.load_lora_state(trainer.lora_state())  # the resume state round-trips too
+    assert fresh.fixed_loss() == pytest.approx(trainer.fixed_loss(), rel=1e-6)
+
+
+def test_the_engine_serves_a_fine_tuned_unet_per_request_beside_lora_adapters(trained, full_model):
+    _, _, _, lora = trained
+    _, full = full_model
+    engine = DiffusionEngine("tiny", max_adapters=2)
+    item = dict(request_id="r", tenant="t", label="a", pool="p", prompt="a photo of sks rubber duck", seed=3,
+                resolution=32, steps=4, guidance=5.0)
+    alone = {name: engine.generate([WorkItem(image_id=name, adapter=adapter, **item)])[0].image
+             for name, adapter in (("base", None), ("full", full), ("lora", lora))}
+    assert len(set(alone.values())) == 3  # each request's model draws its own image
+    mixed = engine.generate([WorkItem(image_id=name, adapter=adapter, **item)
+                             for name, adapter in (("full", full), ("base", None), ("lora", lora))])
+    assert [m.image for m in mixed] == [alone["full"], alone["base"], alone["lora"]]  # no model touches another's
+    assert set(engine.unets) == {full} and engine.pipes["img2img"].unet is engine.pipes["txt2img"].unet
+    engine.unload_adapter(full)
+    assert not engine.unets and engine.generate([WorkItem(image_id="base", **item)])[0].image == alone["base"]

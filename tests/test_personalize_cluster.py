@@ -112,3 +112,25 @@ def test_an_out_of_memory_adapter_fails_with_the_settings_to_lower(tmp_path, syn
     assert "lora-too-big" in message and "personalization ran out of memory" in message
     assert "personalization.batch_size" in message and "can't allocate memory" in message
     assert storage.read_manifest(paths.adapters) is None  # no adapter, so synthesis will not use one
+
+
+def test_full_dreambooth_trains_on_ray_train_and_the_service_serves_its_unet(tmp_path, synthesis, http_port):
+    """`personalization.method: full`: the whole UNet, trained in Ray Train, committed as `adapters/unet/`,
+    and loaded by the replica as the request's own model (multiplexed like an adapter)."""
+    from spinml_ray.personalization import FULL_UNET
+
+    uri = _request(tmp_path / "req", "full", steps=3)
+    document = yaml.safe_load(open(uri))
+    document["personalization"]["method"] = "full"
+    with open(uri, "w") as handle:
+        yaml.safe_dump(document, handle)
+    root = str(tmp_path / "out")
+    summary = _run(uri, root, http_port, ("sanitize", "personalize", "synthesize"))
+    paths = request_paths(load_request(uri), root)
+    manifest = storage.read_manifest(paths.adapters)
+    assert manifest["method"] == "full" and manifest["steps"] == 3 and FULL_UNET in manifest["files"]
+    assert storage.exists(os.path.join(paths.adapters, FULL_UNET, "config.json"))
+    assert not storage.exists(os.path.join(paths.adapters, LORA_WEIGHTS))
+    assert summary["synthesize"]["adapter"] == paths.adapters
+    info = synthesis.info.remote().result()
+    assert paths.adapters in info["adapters"]

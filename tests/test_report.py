@@ -230,3 +230,28 @@ def test_lira_against_the_trained_model_with_shadow_models(ran):
     found = report.model_membership(spec, paths, table, shadows=4)
     assert found["lira"]["shadow_models"] == 4 and 0 <= found["lira"]["auc"] <= 1
     assert found["auc"] == report.model_membership(spec, paths, table)["auc"]  # the loss attack is unchanged
+
+
+@pytest.mark.parametrize("family", ["dinov2", "blip2", "clip"])
+def test_any_vision_model_in_transformers_layout_serves_as_encoder(tmp_path, family):
+    """An `encoders/` folder may hold a DINOv2, BLIP-2 or CLIP vision model (made tiny here, random)."""
+    import transformers
+
+    from spinml_ray.encoders import Encoder
+
+    model = {
+        "dinov2": lambda: transformers.Dinov2Model(transformers.Dinov2Config(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
+        "blip2": lambda: transformers.Blip2VisionModel(transformers.Blip2VisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
+        "clip": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)),
+    }[family]()
+    model.save_pretrained(tmp_path)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    encoder = Encoder(str(tmp_path))
+    assert type(encoder.model) is type(model)
+    embedded = encoder.embed([make_scene("floating", k)[0] for k in range(3)])
+    assert embedded.shape == (3, 32) and np.isfinite(embedded).all()
+    if family != "blip2":  # BLIP-2's pooled class token ignores the image at random init (one layer)
+        assert not np.allclose(embedded[0], embedded[1])

@@ -9,12 +9,12 @@ import re
 
 import pytest
 import yaml
+from conftest import EXAMPLE_REQUEST
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from spinml_ray.spec import RECIPES, Level, PrivacySpec, RequestSpec, SpecError, load_request, parse_request
-
-from conftest import EXAMPLE_REQUEST
 
 
 def base_document() -> dict:
@@ -382,6 +382,7 @@ def test_the_paper_recipe_gives_the_papers_settings_end_to_end():
     assert synthesis.negative_prompt == "" and synthesis.prompt_decorations is False
     assert synthesis.l2_target == "personalized_text"
     assert (personalization.token, personalization.steps, personalization.resolution) == ("sks", 400, 512)
+    assert (personalization.method, personalization.learning_rate) == ("full", 5e-6)  # DreamBooth as published
     assert (training.architecture, training.image_size, training.learning_rate, training.epochs,
             training.batch_size, training.pretrained) == ("mobilenet_v2", 224, 1e-3, 5, 128, "auto")
     assert spec.recipe == "spinml-paper"
@@ -422,3 +423,13 @@ def test_personalized_text_needs_personalization():
     assert "synthesis.l2_target" in error_of(document)
     document["privacy"] = {"target": "L1", "background": "L0"}  # no L2 target: nothing to draw from text
     assert parse_request(document).synthesis.l2_target == "personalized_text"
+
+
+def test_full_dreambooth_takes_its_own_rate_unless_one_is_named():
+    from spinml_ray.spec import FULL_DREAMBOOTH_LEARNING_RATE, PersonalizationSpec
+
+    assert PersonalizationSpec().method == "lora" and PersonalizationSpec().learning_rate == 1e-4
+    assert PersonalizationSpec(method="full").learning_rate == FULL_DREAMBOOTH_LEARNING_RATE == 5e-6
+    assert PersonalizationSpec(method="full", learning_rate=1e-5).learning_rate == 1e-5
+    with pytest.raises(ValidationError):
+        PersonalizationSpec(method="partial")

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from spinml_ray import storage
 from spinml_ray.images import encode_png
@@ -101,10 +102,12 @@ def test_delivery_evaluates_exports_commits_and_clears_the_state(tmp_path):
     assert not any(storage.exists(u) for u in (training.run.state_uri, training.run.best_uri))
 
 
-def test_the_adapter_trains_and_resumes_without_a_cluster(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_adapter_trains_and_resumes_without_a_cluster(tmp_path, method):
     from spinml_ray.examples import make_scene
-    from spinml_ray.personalization import LORA_WEIGHTS, AdapterJob, target_crops, train_adapter
+    from spinml_ray.personalization import AdapterJob, adapter_files, target_crops, train_adapter
     from spinml_ray.sanitizer import sanitize_image
+    from spinml_ray.synthesis.engine import is_adapter
 
     rows = []
     for i in range(2):
@@ -112,7 +115,7 @@ def test_the_adapter_trains_and_resumes_without_a_cluster(tmp_path):
         rows += sanitize_image(f"ref-{i}", image, mask, "L2", "L1")
     settings = dict(rank=4, train_text_encoder=False, resolution=32, seed=0, token="sks", class_noun="rubber duck",
                     batch_size=2, prior_preservation=False, prior_loss_weight=1.0, steps=3, learning_rate=1e-3,
-                    checkpoint_every=2)
+                    checkpoint_every=2, method=method)
     steps, reports = [], []
     adapter = AdapterJob(model="tiny", settings=settings, instance=target_crops(rows), class_images=[],
                          out=str(tmp_path / "adapter"), state_uri=str(tmp_path / "lora_state.pt"),
@@ -120,7 +123,8 @@ def test_the_adapter_trains_and_resumes_without_a_cluster(tmp_path):
     last = train_adapter(adapter, Workers(report=lambda metrics, files: reports.append(metrics)))
     assert steps == [1, 2, 3] and [m["step"] for m in reports] == [2, 3]
     assert last["step"] == 3 and "final_loss" in last and last["resumed_from"] == 0
-    assert os.path.exists(tmp_path / "adapter" / LORA_WEIGHTS)
+    assert sorted(os.listdir(tmp_path / "adapter")) == sorted(adapter_files(method))
+    assert is_adapter(str(tmp_path / "adapter")) and not is_adapter(str(tmp_path))
     assert train_adapter(adapter) == {} and steps == [1, 2, 3]  # its stored state is complete: no step again
     longer = dataclasses.replace(adapter, settings={**settings, "steps": 4})  # another identity: from step 0
     assert train_adapter(longer)["resumed_from"] == 0 and steps == [1, 2, 3, 1, 2, 3, 4]

@@ -15,7 +15,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 from spinml_ray import storage
-from spinml_ray.personalization import ADAPTER_CONFIG, LORA_WEIGHTS, STATE_FILE, AdapterJob, target_crops, train_adapter
+from spinml_ray.personalization import (
+    STATE_FILE,
+    AdapterJob,
+    adapter_files,
+    adapter_method,
+    target_crops,
+    train_adapter,
+)
 from spinml_ray.ray_layer.train import ray_workers
 from spinml_ray.spec import RequestSpec
 from spinml_ray.synthesis.plan import image_seed
@@ -98,7 +105,7 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
         raise training_failure(spec.request_id, "personalization", exc,
                                "personalization.batch_size or personalization.resolution") from exc
     metrics = result.metrics or {}
-    manifest = storage.commit(paths.adapters, [LORA_WEIGHTS, ADAPTER_CONFIG], token=settings["token"],
+    manifest = storage.commit(paths.adapters, adapter_files(p.method), token=settings["token"], method=p.method,
                           class_noun=settings["class_noun"], steps=metrics.get("step"),
                           initial_loss=metrics.get("initial_loss"), final_loss=metrics.get("final_loss"),
                           resumed_from=metrics.get("resumed_from"), crops=len(crops), class_images=len(prior))
@@ -109,6 +116,6 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
 def adapter_for(paths: storage.RequestPaths) -> tuple[str | None, str | None]:
     """(adapter URI, identifier token) when the request has a committed adapter, else (None, None)."""
     manifest = storage.read_manifest(paths.adapters)
-    if manifest is None or LORA_WEIGHTS not in manifest.get("files", []):
+    if manifest is None or adapter_method(manifest.get("files", [])) is None:
         return None, None
     return paths.adapters, manifest["token"]

@@ -38,7 +38,7 @@ from spinml_ray import storage
 from spinml_ray.ray_layer import metrics
 from spinml_ray.spec import Identifier, LabelSpec, PrivacySpec, SynthesisSpec
 from spinml_ray.synthesis.auth import AuthError, load_tokens, tenant_for
-from spinml_ray.synthesis.engine import LORA_WEIGHTS, DiffusionEngine
+from spinml_ray.synthesis.engine import FULL_UNET, LORA_WEIGHTS, DiffusionEngine, is_adapter
 from spinml_ray.synthesis.plan import index_bundle, plan_label
 from spinml_ray.synthesis.workitems import GeneratedImage, WorkItem
 
@@ -246,8 +246,8 @@ class SynthesisAPI:
             except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 return _problem(404, "bundle: no committed sanitized bundle there")
             by_ref = index_bundle(table.to_pylist())
-        if adapter and not await loop.run_in_executor(None, storage.is_file, storage.join(adapter, LORA_WEIGHTS)):
-            return _problem(404, f"adapter: no {LORA_WEIGHTS} there")
+        if adapter and not await loop.run_in_executor(None, is_adapter, adapter):
+            return _problem(404, f"adapter: no {LORA_WEIGHTS} (nor a fine-tuned {FULL_UNET}/) there")
         try:
             items = plan_label(body.request_id, tenant, body.subject, body.label, body.privacy, body.synthesis,
                                by_ref, adapter, body.token)

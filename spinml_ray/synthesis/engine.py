@@ -5,8 +5,9 @@ kind costs no memory. `generate` groups work items by `WorkItem.batch_key` (pipe
 scheduler, adapter) and runs each group as one batched pipeline call, with one seeded generator per
 image so each image can be regenerated alone.
 
-Per-request LoRA adapters are loaded into the shared UNet/text encoder under their own names, at most
-`max_adapters` at a time (least recently used evicted). A group runs with exactly its own adapter
+Per-request LoRA adapters are loaded into the shared UNet/text encoder under their own names, and
+fine-tuned UNets (`personalization.method: full`) beside it, at most `max_adapters` at a time (least
+recently used evicted). A group runs with exactly its own adapter
 active, or with every adapter disabled, so one request's adapter never touches another's images.
 A lock serialises generation and adapter loading/unloading on the replica.
 
@@ -52,6 +53,12 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+FULL_UNET = "unet"  # a fully fine-tuned request model (`personalization.method: full`): its UNet's folder
+
+
+def is_adapter(uri: str) -> bool:
+    """Whether `uri` holds a request's personalization: LoRA weights, or a fine-tuned UNet's folder."""
+    return storage.is_file(storage.join(uri, LORA_WEIGHTS)) or storage.is_file(storage.join(uri, FULL_UNET, "config.json"))
 
 
 class DiffusionEngine:
@@ -97,9 +104,11 @@ class DiffusionEngine:
         base.to(self.device)
         if controlnet_path:
             net.to(self.device)
-        self.model = model
+        self.model, self.dtype = model, dtype
         self.max_adapters = max_adapters
         self.adapters: OrderedDict[str, str] = OrderedDict()  # adapter URI -> name in the pipeline
+        self.base_unet = base.unet
+        self.unets: dict[str, torch.nn.Module] = {}  # adapter URI -> its fine-tuned UNet (`method: full`)
         self._lock = threading.RLock()
 
     @property
@@ -111,7 +120,9 @@ class DiffusionEngine:
         return "a" + hashlib.sha256(uri.encode()).hexdigest()[:16]
 
     def load_adapter(self, uri: str) -> str:
-        """Load the LoRA adapter folder at `uri` (local or s3://) unless loaded; returns its name."""
+        """Load the adapter folder at `uri` (local or s3://) unless loaded; returns its name. A LoRA
+        adapter joins the shared UNet under that name; a fine-tuned UNet (`unet/`) is kept beside it,
+        whole (a UNet's memory per request: see docs/DESIGN.md)."""
         with self._lock:
             if uri in self.adapters:
                 self.adapters.move_to_end(uri)
@@ -122,9 +133,17 @@ class DiffusionEngine:
             local = uri
             if storage.is_s3(uri):
                 local = storage.download_dir(uri, os.path.join(model_source.cache_dir(), "adapters", name))
-            if not os.path.exists(os.path.join(local, LORA_WEIGHTS)):
-                raise EngineError(f"{uri}: no {LORA_WEIGHTS} (a LoRA adapter saved by save_lora_weights)")
-            self.pipes["txt2img"].load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=name)
+            if os.path.isdir(os.path.join(local, FULL_UNET)):
+                from diffusers import UNet2DConditionModel
+
+                self.unets[uri] = UNet2DConditionModel.from_pretrained(os.path.join(local, FULL_UNET),
+                                                                       dtype=self.dtype).to(self.device)
+            elif os.path.exists(os.path.join(local, LORA_WEIGHTS)):
+                self._use_unet(self.base_unet)  # LoRA joins the shared UNet, never a request's own
+                self.pipes["txt2img"].load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=name)
+            else:
+                raise EngineError(f"{uri}: no {LORA_WEIGHTS} (a LoRA adapter saved by save_lora_weights) "
+                                  f"nor {FULL_UNET}/ (a fine-tuned UNet)")
             self.adapters[uri] = name
             log.info("loaded adapter %s as %s", uri, name)
             return name
@@ -132,16 +151,32 @@ class DiffusionEngine:
     def unload_adapter(self, uri: str) -> None:
         with self._lock:
             name = self.adapters.pop(uri, None)
-            if name is not None:
+            if uri in self.unets:
+                self._use_unet(self.base_unet)
+                del self.unets[uri]
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            elif name is not None:
+                self._use_unet(self.base_unet)
                 self.pipes["txt2img"].delete_adapters([name])
+
+    def _use_unet(self, unet) -> None:
+        """Every pipeline runs `unet` (they share all their other components)."""
+        for pipe in self.pipes.values():
+            if pipe.unet is not unet:
+                pipe.unet = unet
 
     def _activate(self, adapter: str | None) -> None:
         base = self.pipes["txt2img"]
-        if adapter is None:
-            if self.adapters:
+        name = self.load_adapter(adapter) if adapter is not None else None
+        if adapter in self.unets:  # a request's own UNet: the base one, and its LoRAs, sit idle
+            self._use_unet(self.unets[adapter])
+            return
+        self._use_unet(self.base_unet)
+        if name is None:
+            if len(self.adapters) > len(self.unets):  # LoRA adapters are loaded: none may act
                 base.disable_lora()
             return
-        name = self.load_adapter(adapter)
         base.enable_lora()
         base.set_adapters([name])
 
