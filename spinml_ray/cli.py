@@ -66,6 +66,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _shadows(text: str) -> int:
+    value = positive_int(text) if text.strip() != "0" else 0
+    if value == 1:
+        raise argparse.ArgumentTypeError("LiRA needs at least 2 shadow models (or 0 for none)")
+    return value
+
+
 def sweep_arg(parse: str):
     """An argparse type from `sweep.parse_configs` or `sweep.parse_alphas` (their errors, as usage errors)."""
     def convert(text: str):
@@ -117,8 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--held-out", default=None, metavar="DIR",
                         help="images of the subject that personalization never saw (cropped, on black, as an "
                         "L2 target is released): membership inference against the adapter")
-    report.add_argument("--shadow-models", type=int, default=0, metavar="K",
-                        help="LiRA against the trained model with K shadow models (a training each; default 0)")
+    report.add_argument("--shadow-models", type=_shadows, default=0, metavar="K",
+                        help="LiRA against the trained model with K >= 2 shadow models (a training each; default 0)")
+    report.add_argument("--out", default=None, metavar="DIR",
+                        help="a local folder for the report (default: the request's report/ in --storage, or, "
+                        "with --references-from, ./report-REQUEST_ID: what comes from raw references stays here)")
     sweep = sub.add_parser("sweep", help="run a request under several level configurations, alphas and seeds "
                            "as one batch job, and recommend one")
     sweep.add_argument("request", help="request YAML/JSON: local path or s3:// URI")
@@ -252,7 +262,8 @@ def _report(args) -> int:
         if args.held_out:
             files = sorted(f for f in os.listdir(args.held_out) if f.lower().endswith(IMAGE_EXTENSIONS))
             held_out = [pathlib.Path(args.held_out, f).read_bytes() for f in files]
-        out = report.write(spec, args.storage, args.model, references, skipped, held_out, args.shadow_models)
+        out_dir = args.out or (f"report-{spec.request_id}" if references is not None else None)
+        out = report.write(spec, args.storage, args.model, references, skipped, held_out, args.shadow_models, out_dir)
     except (SpecError, StageError, FileNotFoundError, ValueError) as exc:
         print(f"spinml: error: {exc}", file=sys.stderr)
         return 2
@@ -267,7 +278,9 @@ def _sweep(args, progress) -> int:
     from spinml_ray.spec import load_request
 
     try:
-        load_request(args.request)  # bad input fails here, before any cluster starts
+        if not load_request(args.request).test_set:  # bad input fails here, before any cluster starts
+            raise SpecError(f"{args.request}: a sweep compares configurations on the user's real images: the "
+                            "request needs a test_set")
     except SpecError as exc:
         print(f"spinml: error: {exc}", file=sys.stderr)
         return 2

@@ -26,11 +26,10 @@ from PIL import Image
 
 from spinml_ray import storage
 from spinml_ray.images import decode_png, encode_png
-from spinml_ray.synthesis.engine import FULL_UNET, LORA_WEIGHTS  # noqa: F401 (where adapters' files are named)
+from spinml_ray.synthesis.engine import ADAPTER_CONFIG, FULL_UNET, LORA_WEIGHTS  # noqa: F401 (adapters' file names)
 from spinml_ray.training import resume
 from spinml_ray.training.loop import Workers, unwrapped
 
-ADAPTER_CONFIG = "adapter.json"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 STATE_FILE = "lora_state.pt"

@@ -39,7 +39,7 @@ from spinml_ray.bundle import reference_items
 from spinml_ray.images import decode_mask, decode_png, decode_rgb, encode_png
 from spinml_ray.preview import write_preview
 from spinml_ray.spec import RequestSpec
-from spinml_ray.training import classifier
+from spinml_ray.training import classifier, pretrained
 
 OBJECTS = ("target", "background")
 SAMPLES_PER_LABEL = 6
@@ -179,7 +179,8 @@ def replication(encoder, synthetic: list[dict], against: list[np.ndarray], what:
             "closest": [{"synthetic": synthetic[i]["image_id"], "index": j, "similarity": v} for i, j, v in found.closest]}
 
 
-def model_membership(spec: RequestSpec, paths: storage.RequestPaths, table, shadows: int = 0) -> dict:
+def model_membership(spec: RequestSpec, paths: storage.RequestPaths, table, shadows: int = 0,
+                     model_source: str = "tiny") -> dict:
     """Membership inference against the specialized model: its training split of the synthetic images
     (members) against its validation split (held out, same distribution). A loss-threshold attack, and
     with `shadows` > 0 LiRA: that many shadow models trained like it on random halves of the synthetic
@@ -205,10 +206,12 @@ def model_membership(spec: RequestSpec, paths: storage.RequestPaths, table, shad
     if shadows:
         inside = np.random.default_rng(spec.synthesis.seed).random((shadows, len(targets))) < 0.5
         confidences = []
-        for k in range(shadows):
+        start, _ = pretrained.resolve(training.pretrained, model_source, training.architecture, spec.task)
+        for k in range(shadows):  # each trained as the attacked model was: same start, settings and epochs
             chosen = torch.from_numpy(np.nonzero(inside[k])[0])
             shadow = classifier.fit_plain(images[chosen], targets[chosen], training.architecture, len(spec.labels),
-                                          training.epochs, training.batch_size, training.learning_rate, seed=k)
+                                          training.epochs, training.batch_size, training.learning_rate, seed=k,
+                                          pretrained=start)
             confidences.append(evaluation.logit_confidence(classifier.logits(shadow, images).numpy(), targets.numpy()))
         scores = evaluation.lira_scores(evaluation.logit_confidence(logits.numpy(), targets.numpy()),
                                         np.stack(confidences), inside)
@@ -303,7 +306,7 @@ def build(spec: RequestSpec, storage_root: str, model: str = "tiny", references:
                 pictures["closest"] = _pairs([(by_id[c["synthetic"]], references[c["index"]]["image"], c["similarity"])
                                               for c in found["closest"]])
 
-    report["membership_inference"] = {"model": model_membership(spec, paths, table, shadows) if table is not None
+    report["membership_inference"] = {"model": model_membership(spec, paths, table, shadows, model) if table is not None
                                       else {"skipped": "no synthetic images yet"},
                                       "adapter": adapter_membership(paths, model, rows, held_out)}
     metrics_uri = storage.join(paths.model, "metrics.json")
@@ -317,10 +320,13 @@ def build(spec: RequestSpec, storage_root: str, model: str = "tiny", references:
 
 
 def write(spec: RequestSpec, storage_root: str, model: str = "tiny", references: list[dict] | None = None,
-          skipped_references: list[str] = (), held_out: list[bytes] | None = None, shadows: int = 0) -> str:
-    """Build the report and write `report/report.json` and `report/index.html`; returns the folder."""
+          skipped_references: list[str] = (), held_out: list[bytes] | None = None, shadows: int = 0,
+          out: str | None = None) -> str:
+    """Build the report and write `report.json` and `index.html` into `out`, by default the request's
+    `report/` in storage; returns the folder. With raw references the caller names a local `out`: what
+    comes from them (thumbnails, SIM, numbers about L0 objects) must not land in a platform's bucket."""
     report, pictures = build(spec, storage_root, model, references, skipped_references, held_out, shadows)
-    out = storage.join(storage.RequestPaths(storage_root, spec.tenant, spec.request_id).base, "report")
+    out = out or storage.join(storage.RequestPaths(storage_root, spec.tenant, spec.request_id).base, "report")
     storage.write_json(storage.join(out, "report.json"), report)
     storage.write_bytes(storage.join(out, "index.html"), render(report, pictures).encode("utf-8"))
     return out

@@ -163,3 +163,35 @@ def test_the_engine_serves_a_fine_tuned_unet_per_request_beside_lora_adapters(tr
     assert set(engine.unets) == {full} and engine.pipes["img2img"].unet is engine.pipes["txt2img"].unet
     engine.unload_adapter(full)
     assert not engine.unets and engine.generate([WorkItem(image_id="base", **item)])[0].image == alone["base"]
+
+
+def test_a_text_encoder_lora_never_acts_on_a_fine_tuned_unets_items(rows, full_model, tmp_path):
+    """A LoRA in the shared text encoder stays off while another request's own UNet draws."""
+    _, full = full_model
+    trainer = LoraTrainer(resolve("tiny"), {**SETTINGS, "train_text_encoder": True, "learning_rate": 1e-2},
+                          target_crops(rows), [])
+    with torch.no_grad():
+        for name, param in trainer.text_encoder.named_parameters():
+            if "lora_B" in name:  # make the text encoder's LoRA act, whatever a few steps would do
+                param.normal_(std=0.5)
+    trainer.save_adapter(str(tmp_path / "te"))
+    engine = DiffusionEngine("tiny")
+    item = dict(request_id="r", tenant="t", label="a", pool="p", prompt="a photo of sks rubber duck", seed=5,
+                resolution=32, steps=3, guidance=5.0)
+    alone = engine.generate([WorkItem(image_id="f", adapter=full, **item)])[0].image
+    after_lora = engine.generate([WorkItem(image_id="l", adapter=str(tmp_path / "te"), **item),
+                                  WorkItem(image_id="f", adapter=full, **item)])
+    assert after_lora[1].image == alone and after_lora[0].image != alone
+
+
+def test_a_fine_tuned_unet_of_another_architecture_is_refused(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from spinml_ray.synthesis.engine import ADAPTER_CONFIG, FULL_UNET, EngineError
+
+    UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention_dim=32,
+                         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                         norm_num_groups=8).save_pretrained(str(tmp_path / FULL_UNET))
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"method": "full", "token": "sks", "class_noun": "duck"}))
+    with pytest.raises(EngineError, match="not the served model's architecture"):
+        DiffusionEngine("tiny").load_adapter(str(tmp_path))

@@ -120,8 +120,9 @@ def test_spinml_report_writes_the_page_and_reads_references_from_the_users_copy(
     uri, root, spec, paths, _ = ran
     copy = tmp_path / "copy"
     shutil.copytree(os.path.dirname(uri), copy)
-    assert main(["report", uri, "--storage", root, "--references-from", str(copy)]) == 0
-    out = storage.join(paths.base, "report")
+    out = str(tmp_path / "local-report")
+    assert main(["report", uri, "--storage", root, "--references-from", str(copy), "--out", out]) == 0
+    assert not storage.exists(storage.join(paths.base, "report", "report.json"))  # raw-derived: local only
     data = json.loads(storage.read_bytes(storage.join(out, "report.json")))
     assert isinstance(data["sim"], dict) and isinstance(data["mi"]["target_about_background"], float)
     page = storage.read_bytes(storage.join(out, "index.html")).decode()

@@ -383,6 +383,8 @@ def test_the_paper_recipe_gives_the_papers_settings_end_to_end():
     assert synthesis.l2_target == "personalized_text"
     assert (personalization.token, personalization.steps, personalization.resolution) == ("sks", 400, 512)
     assert (personalization.method, personalization.learning_rate) == ("full", 5e-6)  # DreamBooth as published
+    lora = parse_request({**document, "recipe": "spinml-paper", "personalization": {"method": "lora"}})
+    assert lora.personalization.learning_rate == 1e-4  # LoRA under the recipe keeps LoRA's own rate
     assert (training.architecture, training.image_size, training.learning_rate, training.epochs,
             training.batch_size, training.pretrained) == ("mobilenet_v2", 224, 1e-3, 5, 128, "auto")
     assert spec.recipe == "spinml-paper"

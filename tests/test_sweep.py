@@ -56,6 +56,18 @@ def test_a_request_id_too_long_for_its_variants_is_refused_before_anything_runs(
     assert not [f for f in os.listdir(tmp_path / "req") if f.startswith("sweep-")]
 
 
+def test_a_sweep_needs_the_users_test_set_and_says_so_before_any_cluster(tmp_path, capsys):
+    from spinml_ray.cli import main
+
+    uri = write_example(str(tmp_path / "req"))
+    document = yaml.safe_load(open(uri))
+    del document["test_set"]
+    with open(uri, "w") as handle:
+        yaml.safe_dump(document, handle)
+    assert main(["sweep", uri, "--storage", str(tmp_path / "out"), "--address", "127.0.0.1:1"]) == 2
+    assert "needs a test_set" in capsys.readouterr().err
+
+
 def _row(config, alpha, seed, accuracy, target_mi=0.0, background_mi=0.0):
     run = sweep.Variant(config, alpha, seed)
     return {"name": run.name, "config": config, "alpha": alpha, "seed": seed, "request_id": run.request_id("r"),

@@ -91,6 +91,9 @@ def run_personalize(spec: RequestSpec, paths: storage.RequestPaths, model: str, 
     job = AdapterJob(model=model, settings=settings, instance=crops, class_images=prior, out=paths.adapters,
                      state_uri=state_uri, progress=progress,
                      fault=arm_fault(f"lora-{spec.tenant}-{spec.request_id}", fault_injection_step, fault_kind))
+    # a re-run with the other method must not leave the previous method's files for the service to find
+    storage.delete(storage.join(paths.adapters, LORA_WEIGHTS))
+    storage.delete_dir(storage.join(paths.adapters, FULL_UNET))
     trainer = TorchTrainer(
         personalize_loop,
         train_loop_config={"job": job},

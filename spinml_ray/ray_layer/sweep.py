@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spinml_ray import sweep
 from spinml_ray.ray_layer.batch import list_requests, run_batch
-from spinml_ray.spec import load_request
+from spinml_ray.spec import SpecError, load_request
 
 
 def run_sweep(request_uri: str, storage_root: str, configs: tuple[str, ...], alphas: tuple[float, ...], seeds: int,
@@ -18,6 +18,9 @@ def run_sweep(request_uri: str, storage_root: str, configs: tuple[str, ...], alp
     from spinml_ray.encoders import load_encoder
 
     spec = load_request(request_uri)
+    if not spec.test_set:
+        raise SpecError(f"{request_uri}: a sweep compares configurations on the user's real images: the request "
+                        "needs a test_set (a synthetic validation split differs from one configuration to the next)")
     runs = sweep.variants(configs, alphas, seeds)
     manifest = sweep.write_variants(request_uri, spec, runs)
     summary = run_batch(list_requests(manifest), storage_root, model=model, max_concurrent=max_concurrent,

@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import threading
+import uuid
 from collections import OrderedDict, defaultdict
 
 import numpy as np
@@ -56,9 +57,31 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 FULL_UNET = "unet"  # a fully fine-tuned request model (`personalization.method: full`): its UNet's folder
 
 
+ADAPTER_CONFIG = "adapter.json"
+# what makes a fine-tuned UNet the served model's architecture
+UNET_IDENTITY = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                 "down_block_types", "up_block_types", "attention_head_dim", "sample_size")
+
+
+def adapter_kind(folder: str) -> str | None:
+    """"full" or "lora" for a request's personalization folder, by its `adapter.json` (`method`) when it
+    has one, else by its files; None when it holds neither."""
+    import json
+
+    try:
+        method = json.loads(storage.read_bytes(storage.join(folder, ADAPTER_CONFIG))).get("method")
+    except (FileNotFoundError, ValueError, AttributeError):
+        method = None
+    if method in ("full", "lora"):
+        return method
+    if storage.is_file(storage.join(folder, LORA_WEIGHTS)):
+        return "lora"
+    return "full" if storage.is_file(storage.join(folder, FULL_UNET, "config.json")) else None
+
+
 def is_adapter(uri: str) -> bool:
     """Whether `uri` holds a request's personalization: LoRA weights, or a fine-tuned UNet's folder."""
-    return storage.is_file(storage.join(uri, LORA_WEIGHTS)) or storage.is_file(storage.join(uri, FULL_UNET, "config.json"))
+    return adapter_kind(uri) is not None
 
 
 class DiffusionEngine:
@@ -131,13 +154,11 @@ class DiffusionEngine:
                 self.unload_adapter(next(iter(self.adapters)))
             name = self.adapter_name(uri)
             local = uri
-            if storage.is_s3(uri):
-                local = storage.download_dir(uri, os.path.join(model_source.cache_dir(), "adapters", name))
-            if os.path.isdir(os.path.join(local, FULL_UNET)):
-                from diffusers import UNet2DConditionModel
-
-                self.unets[uri] = UNet2DConditionModel.from_pretrained(os.path.join(local, FULL_UNET),
-                                                                       dtype=self.dtype).to(self.device)
+            if storage.is_s3(uri):  # a fresh folder each time: a retrained adapter never merges into an old copy
+                local = storage.download_dir(uri, os.path.join(model_source.cache_dir(), "adapters",
+                                                               f"{name}-{uuid.uuid4().hex[:8]}"))
+            if adapter_kind(local) == "full":
+                self.unets[uri] = self._load_unet(uri, os.path.join(local, FULL_UNET))
             elif os.path.exists(os.path.join(local, LORA_WEIGHTS)):
                 self._use_unet(self.base_unet)  # LoRA joins the shared UNet, never a request's own
                 self.pipes["txt2img"].load_lora_weights(local, weight_name=LORA_WEIGHTS, adapter_name=name)
@@ -147,6 +168,17 @@ class DiffusionEngine:
             self.adapters[uri] = name
             log.info("loaded adapter %s as %s", uri, name)
             return name
+
+    def _load_unet(self, uri: str, folder: str):
+        """A request's fine-tuned UNet: it must be the base UNet's architecture (its config says so) and
+        stored as safetensors, so a folder a tenant wrote cannot make the replica build anything else."""
+        from diffusers import UNet2DConditionModel
+
+        config = UNet2DConditionModel.load_config(folder)
+        different = [k for k in UNET_IDENTITY if config.get(k) != self.base_unet.config.get(k)]
+        if different:
+            raise EngineError(f"{uri}: its UNet is not the served model's architecture ({', '.join(different)} differ)")
+        return UNet2DConditionModel.from_pretrained(folder, dtype=self.dtype, use_safetensors=True).to(self.device)
 
     def unload_adapter(self, uri: str) -> None:
         with self._lock:
@@ -169,13 +201,12 @@ class DiffusionEngine:
     def _activate(self, adapter: str | None) -> None:
         base = self.pipes["txt2img"]
         name = self.load_adapter(adapter) if adapter is not None else None
-        if adapter in self.unets:  # a request's own UNet: the base one, and its LoRAs, sit idle
-            self._use_unet(self.unets[adapter])
-            return
         self._use_unet(self.base_unet)
-        if name is None:
-            if len(self.adapters) > len(self.unets):  # LoRA adapters are loaded: none may act
+        if name is None or adapter in self.unets:
+            if len(self.adapters) > len(self.unets):  # LoRA adapters are loaded (UNet or text encoder): none acts
                 base.disable_lora()
+            if adapter in self.unets:  # the request's own UNet, with the shared text encoder as it was trained
+                self._use_unet(self.unets[adapter])
             return
         base.enable_lora()
         base.set_adapters([name])

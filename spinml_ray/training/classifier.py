@@ -118,11 +118,12 @@ def logits(model, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
 
 
 def fit_plain(images: torch.Tensor, targets: torch.Tensor, architecture: str, num_classes: int, epochs: int,
-              batch_size: int, learning_rate: float, seed: int) -> torch.nn.Module:
-    """A classifier trained from scratch in this process (Adam, shuffled batches): for shadow models."""
+              batch_size: int, learning_rate: float, seed: int, pretrained: str | None = None) -> torch.nn.Module:
+    """A classifier trained in this process from `pretrained` (else random) weights (Adam, shuffled
+    batches): for shadow models."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_model(architecture, num_classes)
+    model = build_model(architecture, num_classes, pretrained)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     for _ in range(epochs):
         order = torch.randperm(len(targets), generator=generator)
