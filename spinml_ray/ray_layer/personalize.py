@@ -16,6 +16,8 @@ import pyarrow as pa
 
 from spinml_ray import storage
 from spinml_ray.personalization import (
+    FULL_UNET,
+    LORA_WEIGHTS,
     STATE_FILE,
     AdapterJob,
     adapter_files,
