@@ -10,7 +10,7 @@ from spinml_ray.encoders import Encoder
 def test_a_short_build_is_reproducible_and_embeds_through_the_common_loader(tmp_path):
     first = build(str(tmp_path / "a"), seed=3, images=64, epochs=1, quiet=True)
     again = build(str(tmp_path / "b"), seed=3, images=64, epochs=1, quiet=True)
-    other = build(str(tmp_path / "c"), seed=4, images=64, epochs=1, quiet=True)
+    build(str(tmp_path / "c"), seed=4, images=64, epochs=1, quiet=True)
     assert first["held_out_accuracy"] == again["held_out_accuracy"]
     images = [s.image for s in public_corpus(6, seed=1)]
     a, b, c = (Encoder(str(tmp_path / name)).embed(images) for name in "abc")
