@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 
 import numpy as np
 import torch
@@ -59,6 +57,8 @@ def build(out_dir: str, seed: int = 0, images: int = 4000, epochs: int = 10, bat
     """Train the encoder and save it (transformers' layout) to `out_dir`, replaced when it exists."""
     from transformers import ViTImageProcessor
 
+    from spinbench.model import load_as_float32, replaced_atomically
+
     started = time.time()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -84,23 +84,12 @@ def build(out_dir: str, seed: int = 0, images: int = 4000, epochs: int = 10, bat
     report = {"seed": seed, "images": images, "epochs": epochs, "seconds": round(time.time() - started, 1),
               "held_out_accuracy": accuracy(model, [s.image for s in held_out], [STATES.index(s.state) for s in held_out]),
               "params": sum(p.numel() for p in model.resnet.parameters()), "torch": torch.__version__}
-    tmp = f"{os.path.abspath(out_dir)}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with replaced_atomically(out_dir) as tmp:
         model.resnet.half().save_pretrained(tmp)  # the backbone alone: its pooled output is the embedding
-        config_path = os.path.join(tmp, "config.json")  # stored as float16, loaded as float32
-        with open(config_path) as handle:
-            config = json.load(handle)
-        config["dtype"] = "float32"
-        with open(config_path, "w") as handle:
-            json.dump(config, handle, indent=2, sort_keys=True)
+        load_as_float32(os.path.join(tmp, "config.json"))
         ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=MEAN, image_std=STD).save_pretrained(tmp)
         with open(os.path.join(tmp, "encoder.json"), "w") as handle:
             json.dump(report, handle, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"spinbench encoder saved to {out_dir}: held-out state accuracy {report['held_out_accuracy']:.3f} "
               f"({report['seconds']:.0f} s)", flush=True)

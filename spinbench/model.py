@@ -61,6 +61,7 @@ draws from its own generators, seeded from the build seed); `first_losses` repla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -538,6 +539,31 @@ def _folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
+def load_as_float32(config_path: str) -> None:
+    """Make a transformers model saved in float16 load as float32: its default dtype ("auto") follows
+    the config, so naming float32 there makes it upcast the weights."""
+    with open(config_path) as handle:
+        config = json.load(handle)
+    config["dtype"] = "float32"
+    config.pop("torch_dtype", None)
+    with open(config_path, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+
+
+@contextlib.contextmanager
+def replaced_atomically(out_dir: str):
+    """A temporary folder beside `out_dir` to write into; on success it replaces `out_dir` (removed if it
+    exists), so a reader never sees half a build; on failure it is removed and `out_dir` is untouched."""
+    tmp = f"{os.path.abspath(out_dir)}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save(trainer: Trainer, out_dir: str, report: dict) -> None:
     """diffusers' layout, weights stored as float16 (loaded as float32 unless asked otherwise)."""
     import copy
@@ -551,14 +577,7 @@ def save(trainer: Trainer, out_dir: str, report: dict) -> None:
                                    requires_safety_checker=False)
     pipe.save_pretrained(out_dir)
     controlnet.save_pretrained(os.path.join(out_dir, "controlnet"))
-    # transformers' default dtype ("auto") follows the config: float32 makes it upcast the float16 weights.
-    config_path = os.path.join(out_dir, "text_encoder", "config.json")
-    with open(config_path) as handle:
-        config = json.load(handle)
-    config["dtype"] = "float32"
-    config.pop("torch_dtype", None)
-    with open(config_path, "w") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
+    load_as_float32(os.path.join(out_dir, "text_encoder", "config.json"))
     report["weights_bytes"] = _folder_bytes(out_dir)
     with open(os.path.join(out_dir, "spinbench.json"), "w") as handle:
         json.dump(report, handle, indent=2, sort_keys=True)
@@ -583,8 +602,7 @@ def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps:
             setattr(recipe, name, value)
     start = time.time()
     out_dir = os.path.abspath(out_dir)
-    tmp = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with replaced_atomically(out_dir) as tmp:
         tokenizer = load_tokenizer(os.path.join(tmp, "tokenizer"))
         if not quiet:
             print(f"spinbench model: drawing {recipe.corpus_size} public images (seed {seed}); "
@@ -615,11 +633,6 @@ def build(out_dir: str, seed: int = 0, vae_steps: int | None = None, unet_steps:
         from spinbench.encoder import build as build_encoder
 
         build_encoder(os.path.join(tmp, "encoders"), seed=seed, quiet=quiet)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"spinbench model saved to {out_dir} ({report['weights_bytes'] / 1e6:.1f} MB, "
               f"{report['wall_seconds'] / 60:.1f} min)", flush=True)
@@ -651,8 +664,12 @@ def _grid(rows: list[list[np.ndarray]], scale: int = 2) -> np.ndarray:
 def pipelines(model_dir: str):
     """(txt2img pipeline, ControlNet pipeline or None) of a saved model, each with DPM-Solver++ made
     `from_config` of the saved scheduler, as the service makes its default."""
-    from diffusers import (ControlNetModel, DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline,
-                           StableDiffusionPipeline)
+    from diffusers import (
+        ControlNetModel,
+        DPMSolverMultistepScheduler,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)

@@ -278,9 +278,7 @@ def _sweep(args, progress) -> int:
     from spinml_ray.spec import load_request
 
     try:
-        if not load_request(args.request).test_set:  # bad input fails here, before any cluster starts
-            raise SpecError(f"{args.request}: a sweep compares configurations on the user's real images: the "
-                            "request needs a test_set")
+        sweep.require_test_set(load_request(args.request), args.request)  # before any cluster starts
     except SpecError as exc:
         print(f"spinml: error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from PIL import Image
 
 from spinml_ray import storage
 from spinml_ray.images import decode_png, encode_png
-from spinml_ray.synthesis.engine import ADAPTER_CONFIG, FULL_UNET, LORA_WEIGHTS  # noqa: F401 (adapters' file names)
+from spinml_ray.synthesis.engine import ADAPTER_CONFIG, FULL_UNET, LORA_WEIGHTS, adapter_kind  # noqa: F401
 from spinml_ray.training import resume
 from spinml_ray.training.loop import Workers, unwrapped
 
@@ -240,7 +240,7 @@ def adapter_losses(model_dir: str, adapter_dir: str, images: list[bytes], draws:
         return (total / draws).cpu().numpy()
 
     base = mean_losses()
-    if config.get("method") == "full":
+    if adapter_kind(adapter_dir) == "full":  # the engine's rule, so both load the same model
         from diffusers import UNet2DConditionModel
 
         pipe.unet = UNet2DConditionModel.from_pretrained(os.path.join(adapter_dir, FULL_UNET)).to(device)

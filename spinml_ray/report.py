@@ -40,6 +40,7 @@ from spinml_ray.images import decode_mask, decode_png, decode_rgb, encode_png
 from spinml_ray.preview import write_preview
 from spinml_ray.spec import RequestSpec
 from spinml_ray.training import classifier, pretrained
+from spinml_ray.training.job import TrainingJob
 
 OBJECTS = ("target", "background")
 SAMPLES_PER_LABEL = 6
@@ -154,12 +155,13 @@ def similarity(encoder, synthetic: list[dict], references: list[dict]) -> dict:
     result: dict = {"pool": own, "objects": {}}
     for obj in OBJECTS:
         refs = [s[obj] for s in ref_segments if s[obj] is not None and s[obj].size]
+        embedded_refs = encoder.embed(refs) if refs else None  # once, for every pool
         by_pool = {}
         for pool in pools:
             segments = [synthetic_segments(s["array"], s["box"])[obj] for s in synthetic if s["pool"] == pool]
             segments = [x for x in segments if x is not None and x.size]
             if segments and refs:
-                by_pool[pool] = evaluation.sim(encoder.embed(segments), encoder.embed(refs))
+                by_pool[pool] = evaluation.sim(encoder.embed(segments), embedded_refs)
         entry = {"sim": by_pool.get(own), "segments": sum(s["pool"] == own for s in synthetic)}
         if own != "L0_L0" and "L0_L0" in by_pool and own in by_pool:
             entry["dsim"] = evaluation.dsim(by_pool[own], by_pool["L0_L0"])
@@ -195,7 +197,7 @@ def model_membership(spec: RequestSpec, paths: storage.RequestPaths, table, shad
                                      map_location="cpu"))
     images = classifier.images_to_uint8(table.column("image").to_pylist(), training.image_size)
     targets = torch.tensor(table.column("label_index").to_pylist(), dtype=torch.long)
-    train_idx, val_idx = classifier.split_train_val(len(targets), 0.1, spec.synthesis.seed)
+    train_idx, val_idx = classifier.split_train_val(len(targets), TrainingJob.val_fraction, spec.synthesis.seed)
     if len(val_idx) == 0:
         return {"skipped": "too few synthetic images to hold any out"}
     logits = classifier.logits(model, images)

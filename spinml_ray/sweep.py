@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import yaml
 
 from spinml_ray import storage
-from spinml_ray.spec import Level, RequestSpec
+from spinml_ray.spec import Level, RequestSpec, SpecError
 
 CONFIGS = tuple(f"{t.value}_{b.value}" for t in Level for b in Level)
 
@@ -238,11 +238,30 @@ def page(results: dict, picture: bytes) -> str:
             f"<pre>{table}</pre></body></html>")
 
 
+def require_test_set(spec: RequestSpec, source: str) -> None:
+    """A sweep compares configurations on the user's real images; a synthetic validation split differs
+    from one configuration to the next."""
+    if not spec.test_set:
+        raise SpecError(f"{source}: a sweep compares configurations on the user's real images: the request "
+                        "needs a test_set (a synthetic validation split differs from one configuration to the next)")
+
+
+def cross_object_mi(spec: RequestSpec, configs: tuple[str, ...], references: list[dict]) -> dict[str, float | None]:
+    """Per target level of `configs`, what the target's release tells about the background (the
+    artifact's cross-object MI), from the raw references: it depends on the level alone, not on the
+    variant, so it is measured once per level."""
+    from spinml_ray import report
+
+    canny = (spec.sanitization.canny_low, spec.sanitization.canny_high)
+    return {level: report.cross_object_mi(references, level, canny) for level in {c.split("_")[0] for c in configs}}
+
+
 def variant_result(storage_root: str, spec: RequestSpec, run: Variant, row: dict, encoder=None,
-                   references: list[dict] | None = None, model: str = "tiny") -> dict:
+                   references: list[dict] | None = None, model: str = "tiny",
+                   mi_cross: dict[str, float | None] | None = None) -> dict:
     """One variant's row for `summarize`: its batch status, and once trained its accuracy, MI per object,
-    with the raw references the target's release about the background (cross-object MI, computed here,
-    where the references are), and with an encoder too SIM per object."""
+    the target's release about the background (`mi_cross`, by target level: `cross_object_mi`), and with
+    an encoder and the raw references SIM per object."""
     from spinml_ray import report
     from spinml_ray.images import decode_rgb
 
@@ -255,10 +274,8 @@ def variant_result(storage_root: str, spec: RequestSpec, run: Variant, row: dict
     metrics = storage.read_json(storage.join(paths.model, "metrics.json"))
     result.update(accuracy=metrics.get("accuracy", metrics.get("map")),
                   mi=report.own_mi(storage.read_committed_table(paths.sanitized).to_pylist()))
-    if references:  # what the target's release tells about the background (the artifact's cross-object MI)
-        target = run.config.split("_")[0]
-        result["mi_cross"] = report.cross_object_mi(references, target, (spec.sanitization.canny_low,
-                                                                         spec.sanitization.canny_high))
+    if mi_cross is not None:
+        result["mi_cross"] = mi_cross[run.config.split("_")[0]]
     if encoder is not None and references:
         table = storage.read_committed_table(paths.synthetic)
         columns = [c for c in ("image_id", "pool", "box", "image", "attention") if c in table.column_names]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spinml_ray import sweep
 from spinml_ray.ray_layer.batch import list_requests, run_batch
-from spinml_ray.spec import SpecError, load_request
+from spinml_ray.spec import load_request
 
 
 def run_sweep(request_uri: str, storage_root: str, configs: tuple[str, ...], alphas: tuple[float, ...], seeds: int,
@@ -18,18 +18,17 @@ def run_sweep(request_uri: str, storage_root: str, configs: tuple[str, ...], alp
     from spinml_ray.encoders import load_encoder
 
     spec = load_request(request_uri)
-    if not spec.test_set:
-        raise SpecError(f"{request_uri}: a sweep compares configurations on the user's real images: the request "
-                        "needs a test_set (a synthetic validation split differs from one configuration to the next)")
+    sweep.require_test_set(spec, request_uri)
     runs = sweep.variants(configs, alphas, seeds)
     manifest = sweep.write_variants(request_uri, spec, runs)
     summary = run_batch(list_requests(manifest), storage_root, model=model, max_concurrent=max_concurrent,
                         name=f"sweep-{spec.request_id}", http_port=http_port, progress=progress)
-    references = encoder = None
+    references = encoder = mi_cross = None
     if references_from:
         references, _ = report.load_references(load_request(request_uri, base_uri=references_from))
         encoder = load_encoder(model)
-    rows = [sweep.variant_result(storage_root, spec, run, row, encoder, references, model)
+        mi_cross = sweep.cross_object_mi(spec, configs, references)
+    rows = [sweep.variant_result(storage_root, spec, run, row, encoder, references, model, mi_cross)
             for run, row in zip(runs, summary)]
     results = sweep.results_of(spec, rows, seeds, target_accuracy, within)
     return results, sweep.write(results, storage_root)
