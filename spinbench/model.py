@@ -18,7 +18,9 @@ code path that loads a real checkpoint (`StableDiffusionPipeline.from_pretrained
    with the UNet on the corpus captions (it starts from random weights: freezing it would
    leave the UNet random, unrelated token features to read).
 3. **UNet** (`UNet2DConditionModel`, 32/64/96/128 channels at 32/16/8/4 latent px, cross-attention
-   to the caption at 8 and 4 px). Epsilon prediction under SD's DDPM schedule (scaled-linear betas
+   to the caption at 8 and 4 px; the caption, pooled by attention, also joins the timestep embedding
+   that every ResNet block reads: diffusers' `addition_embed_type="text"`, so the state word steers
+   the whole image and not only the two coarsest levels). Epsilon prediction under SD's DDPM schedule (scaled-linear betas
    0.00085-0.012, 1000 steps), Min-SNR-5 loss weighting, EMA of the weights, 10% empty captions so that
    classifier-free guidance works. Captions are varied (appearance or room words dropped, or the
    service's view/lighting/setting words appended, as `spinml_ray.synthesis.prompts` writes them) so
@@ -40,19 +42,19 @@ upcasts it even when no dtype is given (e.g. the personalization trainer's `from
 Choices measured on the 2-core CPU this is built on (CPU seconds per step):
 - Self-attention over 16x16 latents (256 tokens) with 8-wide heads cost more than every convolution
   of an earlier, 16x16-latent UNet (SDPA on CPU), so attention lives at 8x8 and 4x4 only, and the top
-  level has 32 channels. This UNet costs about 2.2 CPU s per batch-32 step at 32x32 latents (an
-  earlier one at 16x16 latents cost 1.0). Fused AdamW saves ~80 ms a step over the default.
-- The VAE's full-resolution decoder level dominates its cost (about 1.05 CPU s per step of 8 images
-  or 32 crops), which is why its phase is short and mostly on crops.
+  level has 32 channels. A UNet step (batch 32, 32x32 latents, with the text encoder) takes about 0.35 s
+  alone and 0.55 s with the ControlNet at 2 threads. Fused AdamW saves ~80 ms a step over the default.
+- The VAE's full-resolution decoder level dominates its cost (about 0.2 s per step of 8 images or 32
+  crops), which is why its phase is short and mostly on crops.
 - Training latents are encoded once after the VAE phase (posterior mean and std, sampled each step),
   so the UNet phase never runs the encoder. No flip augmentation: the world already
   draws each dog facing left or right.
-- Corpus: 6000 images (about a minute to draw with their edge maps). The UNet phase sees about 77,000
-  samples, so each image about 13 times; a larger corpus would cost drawing and encoding time for
-  little gain at this step budget.
-- Defaults (600 VAE steps, 2400 UNet steps of which 1200 with the ControlNet) took 51.9 minutes with
-  2 threads on that CPU (0.52 s per VAE step, 1.12 s per UNet step); the build prints its measured
-  rate and ETA every `log_every` steps.
+- Corpus: 6000 images (a few seconds to draw with their edge maps). The UNet phase sees 192,000
+  samples, so each image about 32 times.
+- Defaults (600 VAE steps, 6000 UNet steps of which 3000 with the ControlNet) took 48.4 minutes with
+  2 threads on that CPU (0.24 s per VAE step, 0.45 s per UNet step); the build prints its measured
+  rate and ETA every `log_every` steps. (The third build, 2400 UNet steps, was timed at 1.12 s per step
+  while other work shared the two cores; alone the same UNet runs at the rate above.)
 
 A build is deterministic for a given seed, recipe, thread count and library versions (each phase
 draws from its own generators, seeded from the build seed); `first_losses` replays the first steps.
@@ -78,6 +80,7 @@ import torch.nn.functional as F
 
 LATENT_CHANNELS = 4
 TEXT_HIDDEN = 64
+TEXT_POOL_HEADS = 4
 MAX_TOKENS = 77
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012
@@ -86,7 +89,7 @@ PHASES = ("vae", "unet")
 LOSSES = ("vae", "unet", "controlnet")
 # CPU seconds per step on the build machine (batch sizes of `Recipe`), used only for the ETA of the phases
 # not yet started: scaled by how fast the current phase runs against its own reference.
-REFERENCE_SECONDS_PER_STEP = {"vae": 1.05, "unet": 2.2}
+REFERENCE_SECONDS_PER_STEP = {"vae": 0.42, "unet": 0.88}
 
 
 @dataclass
@@ -96,7 +99,7 @@ class Recipe:
     seed: int = 0
     corpus_size: int = 6000
     vae_steps: int = 600
-    unet_steps: int = 2400  # half of them with the ControlNet
+    unet_steps: int = 6000  # half of them with the ControlNet
     vae_batch_size: int = 8  # full images; the crop steps take 4x as many 32 px crops (same cost)
     vae_crop_fraction: float = 0.75  # the first 75% of VAE steps train on 32 px crops, the rest on 64 px
     batch_size: int = 32  # UNet (and ControlNet) phase
@@ -104,6 +107,7 @@ class Recipe:
     unet_lr: float = 4e-4
     kl_weight: float = 1e-3  # times the KL per latent element (reconstruction losses are per pixel means)
     vae_logvar_init: float = -6.0  # posterior log-variance the encoder starts from (std 0.05, not 1)
+    vae_recolour_fraction: float = 0.5  # of the VAE's images, recoloured (hue, saturation, channel order)
     caption_dropout: float = 0.1
     controlnet_caption_dropout: float = 0.5  # ControlNet paper: half the prompts empty, so edges are read
     min_snr_gamma: float = 5.0
@@ -167,13 +171,24 @@ def make_unet():
         cross_attention_dim=TEXT_HIDDEN,
         attention_head_dim=(1, 2, 3, 4),  # diffusers reads this as the number of heads: 32 wide each
         norm_num_groups=8,
+        # the caption, pooled, also joins the timestep embedding that every ResNet block reads
+        addition_embed_type="text",
+        addition_embed_type_num_heads=TEXT_POOL_HEADS,
     )
 
 
 def make_controlnet(unet):
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    if controlnet.config.addition_embed_type_num_heads == unet.config.addition_embed_type_num_heads:
+        return controlnet
+    # `from_unet` leaves the caption pooling's head count at its default: the same weights, another split
+    # (`from_config` drops that key, so the constructor is called)
+    config = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
+    same = ControlNetModel(**{**config, "addition_embed_type_num_heads": unet.config.addition_embed_type_num_heads})
+    same.load_state_dict(controlnet.state_dict())
+    return same
 
 
 def make_scheduler():
@@ -281,6 +296,18 @@ def _pixels(images: np.ndarray, flip: np.ndarray) -> torch.Tensor:
     if flip.any():
         x[torch.from_numpy(flip)] = x[torch.from_numpy(flip)].flip(-1)
     return x.contiguous()
+
+
+def recolour(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image with its hue turned at random, its saturation raised up to 3x and its channels
+    shuffled: colours the public corpus never shows (uint8 N x H x W x 3 in, same out)."""
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    hsv = rgb2hsv(images)
+    hsv[..., 0] = (hsv[..., 0] + rng.random((len(images), 1, 1))) % 1.0
+    hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(1.0, 3.0, (len(images), 1, 1)), 0.0, 1.0)
+    out = (hsv2rgb(hsv) * 255 + 0.5).astype(np.uint8)
+    return np.stack([image[..., rng.permutation(3)] for image in out])
 
 
 def _edges(corpus: Corpus, index: np.ndarray, kind: np.ndarray) -> torch.Tensor:
@@ -417,7 +444,12 @@ class Trainer:
         for step in self._steps(r.vae_steps):
             crop = step < crop_steps
             index = rng.integers(0, len(self.corpus), r.vae_batch_size * (4 if crop else 1))
-            x = _pixels(self.corpus.images[index], rng.random(len(index)) < 0.5)
+            images = self.corpus.images[index]
+            turned = rng.random(len(index)) < r.vae_recolour_fraction
+            if turned.any():
+                images = images.copy()
+                images[turned] = recolour(images[turned], rng)
+            x = _pixels(images, rng.random(len(index)) < 0.5)
             if crop:  # a 32 px window per image, on the 2 px latent grid
                 y0, x0 = (rng.integers(0, 17, len(index)) * 2 for _ in range(2))
                 x = torch.stack([img[:, a:a + 32, b:b + 32] for img, a, b in zip(x, y0, x0)])
@@ -576,6 +608,8 @@ def save(trainer: Trainer, out_dir: str, report: dict) -> None:
                                    scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out_dir)
+    # the fast tokenizer's own serialization (3.6 MB): CLIPTokenizer rebuilds it from vocab.json and merges.txt
+    os.remove(os.path.join(out_dir, "tokenizer", "tokenizer.json"))
     controlnet.save_pretrained(os.path.join(out_dir, "controlnet"))
     load_as_float32(os.path.join(out_dir, "text_encoder", "config.json"))
     report["weights_bytes"] = _folder_bytes(out_dir)

@@ -38,6 +38,44 @@ def test_first_training_steps_are_reproducible_from_the_seed():
         assert not np.allclose(other[series], first[series], rtol=0, atol=1e-6)
 
 
+def test_recolour_turns_public_colours_into_any_colour_deterministically():
+    """The VAE also trains on recoloured public images, so it can encode a user's coat and room in
+    colours no public image has (a VAE of public colours alone turned a green dog tan)."""
+    from spinbench.model import recolour
+
+    brown = np.zeros((24, 8, 8, 3), np.uint8)
+    brown[...] = (120, 80, 40)
+    first = recolour(brown, np.random.default_rng(0))
+    assert first.shape == brown.shape and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, recolour(brown, np.random.default_rng(0)))
+    assert not np.array_equal(first, recolour(brown, np.random.default_rng(1)))
+    dominant = {int(np.argmax(image[0, 0])) for image in first}
+    assert dominant == {0, 1, 2}  # reds, greens and blues out of one brown
+    saturation = (first.max(-1).astype(int) - first.min(-1)) / np.maximum(first.max(-1), 1)
+    assert saturation.max() > (120 - 40) / 120 + 0.1  # and more saturated than any public coat
+
+
+def test_the_unet_and_controlnet_read_the_pooled_caption_with_the_same_weights():
+    from spinbench.model import TEXT_POOL_HEADS, make_controlnet, make_unet
+
+    unet = make_unet()
+    controlnet = make_controlnet(unet)
+    assert unet.config.addition_embed_type == controlnet.config.addition_embed_type == "text"
+    assert unet.add_embedding.pool.num_heads == controlnet.add_embedding.pool.num_heads == TEXT_POOL_HEADS
+    for name, value in unet.add_embedding.state_dict().items():
+        torch.testing.assert_close(controlnet.add_embedding.state_dict()[name], value)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    latents, timesteps = torch.randn(2, 4, 32, 32), torch.tensor([10, 500])
+    with torch.no_grad():
+        pooled = unet(latents, timesteps, encoder_hidden_states=context).sample
+        hook = unet.add_embedding.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+        try:
+            without = unet(latents, timesteps, encoder_hidden_states=context).sample
+        finally:
+            hook.remove()
+    assert not torch.allclose(pooled, without)  # the pooled caption reaches the prediction
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     from spinbench.model import build
