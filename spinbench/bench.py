@@ -175,7 +175,7 @@ def run_benchmark(user_seed: int, out_dir: str, runs: list[Variant], model: str 
                   storage_root: str | None = None, address: str | None = None, num_cpus: int | None = None,
                   baselines: bool = False, synthesis: dict | None = None, training: Training = Training(),
                   personalization: dict | None = None, references_per_state: int = 4, test_per_state: int = 25,
-                  baseline_images: int = 256, max_concurrent: int | None = None) -> dict:
+                  baseline_images: int = 256, max_concurrent: int | None = None, http_port: int = 8000) -> dict:
     """Run `runs` for one user through the batch job; write results.json, results.md and accuracy.png."""
     from spinml_ray.ray_layer.batch import list_requests, run_batch
     from spinml_ray.ray_layer.cluster import connect
@@ -191,7 +191,7 @@ def run_benchmark(user_seed: int, out_dir: str, runs: list[Variant], model: str 
     connect(address, num_cpus=num_cpus)
     started = time.time()
     summary = run_batch(list_requests(manifest), storage_root, model=model, max_concurrent=max_concurrent,
-                        name=f"spinbench-u{user_seed}")
+                        name=f"spinbench-u{user_seed}", http_port=http_port)
     rows = []
     for run, row in zip(runs, summary):
         rows.append({"name": run.name, "config": run.config, "alpha": run.alpha, "seed": run.seed,

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
 from spinml_ray.cli import positive_int as _positive
 from spinml_ray.cli import sweep_arg
+from spinml_ray.spec import SynthesisSpec
+
+L2_TARGETS = typing.get_args(SynthesisSpec.model_fields["l2_target"].annotation)
 
 _configs, _floats = sweep_arg("parse_configs"), sweep_arg("parse_alphas")
 
@@ -49,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="classifier epochs (requests and baselines; default 15)")
     run.add_argument("--references-per-state", type=_positive, default=4)
     run.add_argument("--test-per-state", type=int, default=25)
+    run.add_argument("--l2-target", choices=L2_TARGETS, default=None,
+                     help="synthesis.l2_target of every request (default: the system's)")
+    run.add_argument("--prompt-decorations", choices=("on", "off"), default=None,
+                     help="synthesis.prompt_decorations of every request (default: the system's)")
+    run.add_argument("--http-port", type=int, default=8000, help="the synthesis app's HTTP port (default 8000)")
     return parser
 
 
@@ -82,10 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.test_per_state < 1:
             parser.error("--test-per-state must be >= 1")
         runs = plan(args.configs or CONFIGS, args.alphas, args.seeds)
+        synthesis = {"images_per_label": args.images_per_label, "steps": args.steps}
+        if args.l2_target:
+            synthesis["l2_target"] = args.l2_target
+        if args.prompt_decorations:
+            synthesis["prompt_decorations"] = args.prompt_decorations == "on"
         results = run_benchmark(
             args.user_seed, args.out, runs, model=args.model, storage_root=args.storage, address=args.address,
             num_cpus=args.num_cpus, baselines=args.baselines, max_concurrent=args.max_concurrent,
-            synthesis={"images_per_label": args.images_per_label, "steps": args.steps},
+            synthesis=synthesis, http_port=args.http_port,
             training=Training(epochs=args.epochs) if args.epochs else Training(),
             references_per_state=args.references_per_state, test_per_state=args.test_per_state)
         print(open(f"{args.out}/results.md").read())

@@ -106,6 +106,38 @@ def test_cli_refuses_bad_configurations():
         main(["run", "--user-seed", "1", "--out", "x", "--alphas", "2"])
 
 
+def test_cli_sets_the_l2_target_and_decorations_of_every_request_it_runs(tmp_path, monkeypatch):
+    """`--l2-target` and `--prompt-decorations` reach every request the benchmark writes (so the two
+    ways of drawing an L2 target, and prompts with and without decorations, can be compared on the same
+    user and seeds), and `--http-port` reaches the synthesis app."""
+    from spinbench.cli import main
+
+    seen = {}
+
+    def fake_run(user_seed, out_dir, runs, **kwargs):
+        seen.update(kwargs)
+        manifest = bench.write_requests(user_seed, str(tmp_path / "world"), runs, kwargs["synthesis"],
+                                        kwargs["training"], {"steps": 5}, references_per_state=1, test_per_state=1)
+        seen["requests"] = [load_request(uri) for uri in list_requests(manifest)]
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / "results.md").write_text("table\n")
+        return {"configurations": {}}
+
+    monkeypatch.setattr(bench, "run_benchmark", fake_run)
+    common = ["run", "--user-seed", "2", "--out", str(tmp_path / "out"), "--configs", "L2_L0,L0_L0", "--seeds", "2"]
+    assert main([*common, "--l2-target", "personalized_text", "--prompt-decorations", "off",
+                 "--http-port", "8123"]) == 0
+    assert seen["http_port"] == 8123 and len(seen["requests"]) == 4
+    assert all(spec.synthesis.l2_target == "personalized_text" and spec.synthesis.prompt_decorations is False
+               for spec in seen["requests"])
+    assert main(common) == 0  # without the flags, the system's own defaults
+    defaults = type(seen["requests"][0].synthesis)()
+    assert all(spec.synthesis.l2_target == defaults.l2_target and spec.synthesis.prompt_decorations is True
+               for spec in seen["requests"])
+    with pytest.raises(SystemExit):
+        main([*common, "--l2-target", "pasted"])
+
+
 def test_demo_sheet_shows_the_releases_and_the_images_per_label():
     from spinbench.demo import TILE, sheet
     from spinml_ray.images import encode_png
