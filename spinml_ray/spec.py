@@ -107,10 +107,17 @@ class SynthesisSpec(_Strict):
     prompt_decorations: bool = Field(
         default=True, description="add a seeded view, lighting and (with an L0 background) setting to each prompt "
                                   "for diversity; false gives the SpinML paper's 'A photo of a {subject} {phrase}.'")
-    l2_target: Literal["image_guided", "personalized_text"] = Field(
+    l2_target: Literal["image_guided", "kept", "personalized_text"] = Field(
         default="image_guided", description="how a target released at L2 is drawn: image_guided starts from its "
-        "released pixels (img2img, with the adapter where there is one); personalized_text draws it from the prompt "
-        "with the personalized model's identifier, as the SpinML paper does, and needs personalization")
+        "released pixels (img2img, with the adapter where there is one); kept keeps those pixels as they are and "
+        "paints the rest of the image around them (inpainting, from noise: strength does not apply); "
+        "personalized_text draws it from the prompt with the personalized model's identifier, as the SpinML paper "
+        "does, and needs personalization")
+
+    @property
+    def target_pixels(self) -> bool:
+        """Whether an L2 target's released pixels condition its images (not only through the adapter)."""
+        return self.l2_target != "personalized_text"
 
     @field_validator("resolution")
     @classmethod

@@ -376,3 +376,29 @@ def test_a_personalized_text_l2_target_has_no_geometry_of_its_own(scenes, backgr
             assert box is not None and box == geometry_box(rows["target"], rows["background"], RESOLUTION)
         else:
             assert box is None
+
+
+# ---------------------------------------------------------------- an L2 target kept as released
+
+
+@pytest.mark.parametrize("background, kind", [("L0", "inpaint"), ("L1", "controlnet_inpaint"), ("L2", "img2img")])
+def test_a_kept_l2_target_stays_as_released_and_the_rest_is_inpainted(scenes, background, kind):
+    kept = plan(scenes, "L2", background, l2_target="kept", strength=0.6)
+    guided = plan(scenes, "L2", background, l2_target="image_guided", strength=0.6)
+    assert {item.kind for item in kept} == {kind}
+    for item, same in zip(kept, guided):
+        # the same released pixels start the image, and the same edges (L1 background) steer it
+        assert (item.init_image, item.control_image, item.prompt, item.seed) == (
+            same.init_image, same.control_image, same.prompt, same.seed)
+        if background == "L2":  # both parts released: both guide, as under image_guided
+            assert item.model_dump() == same.model_dump()
+            continue
+        target_mask = resized_mask(scenes[item.source_ref][1])
+        painted = decode_png(item.mask_image) > 0
+        assert not painted[eroded(target_mask, 1)].any()  # the target's pixels are kept ...
+        assert painted[~cv2.dilate(target_mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)].all()
+        assert item.strength == 1.0 and same.strength == 0.6  # ... and the rest painted from noise
+    if background != "L2":  # the target's own region still places it for detection
+        for rows in index_bundle(sanitized_rows(scenes, "L2", background)).values():
+            assert geometry_box(rows["target"], rows["background"], RESOLUTION,
+                                make_spec("L2", background, l2_target="kept").synthesis.target_pixels) is not None

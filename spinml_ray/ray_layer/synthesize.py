@@ -68,8 +68,8 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
     adapter, token = adapter_for(paths)
     by_ref = index_bundle(sanitized)
     items = plan_work_items(spec, by_ref, adapter, token)
-    target_pixels = spec.synthesis.l2_target == "image_guided"
-    boxes = {ref: geometry_box(rows["target"], rows["background"], spec.synthesis.resolution, target_pixels)
+    boxes = {ref: geometry_box(rows["target"], rows["background"], spec.synthesis.resolution,
+                               spec.synthesis.target_pixels)
              for ref, rows in by_ref.items()}
     if spec.task == "detection":  # where no geometry places the subject, ask where the model drew it
         items = [i if boxes.get(i.source_ref) else i.model_copy(update={"attend": spec.subject}) for i in items]

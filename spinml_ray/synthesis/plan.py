@@ -2,8 +2,9 @@
 
 The level of each object decides the conditioning (see docs/DESIGN.md, "From levels to pipelines"):
 - L1 objects contribute their edge maps to one ControlNet (Canny) image;
-- an L2 target gives image guidance from its released pixels (img2img), or with `l2_target:
-  personalized_text` none: the personalized model draws it from the prompt's identifier;
+- an L2 target gives image guidance from its released pixels (img2img); with `l2_target: kept` its
+  pixels stay as they are and the rest is inpainted around them; with `l2_target: personalized_text`
+  they guide nothing: the personalized model draws it from the prompt's identifier;
 - an L2 background alone is kept and the target's region is inpainted on it;
 - both at L2 give image guidance from the two released parts together.
 A fraction `alpha` of each label's images comes from the L0_L0 pool (text only). Only the sanitized
@@ -46,9 +47,10 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
 
 
-def conditioning(target: dict, background: dict, size: int, target_pixels: bool = True) -> dict[str, bytes | None]:
-    """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows. Without
-    `target_pixels` an L2 target's pixels guide nothing (the personalized model draws it from text)."""
+def conditioning(target: dict, background: dict, size: int, l2_target: str = "image_guided") -> dict[str, bytes | None]:
+    """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows, an L2 target
+    drawn the `l2_target` way (`SynthesisSpec.l2_target`)."""
+    target_pixels = l2_target != "personalized_text"
     rows = {"target": target, "background": background}
     edges = [decode_png(r["payload"]) for r in rows.values() if r["level"] == Level.L1.value]
     released = {name: r for name, r in rows.items()
@@ -63,7 +65,15 @@ def conditioning(target: dict, background: dict, size: int, target_pixels: bool 
         if set(released) == {"background"}:
             hole = ~(decode_png(released["background"]["region"]) > 0)
             out["mask_image"] = encode_png(_resize_mask(hole, size))
+        elif set(released) == {"target"} and l2_target == "kept":  # everything but the target is painted
+            around = ~(decode_png(released["target"]["region"]) > 0)
+            out["mask_image"] = encode_png(_resize_mask(around, size))
     return out
+
+
+def kept_target(privacy: PrivacySpec, synth: SynthesisSpec) -> bool:
+    """An L2 target kept as released, the rest inpainted (not with an L2 background: both parts guide)."""
+    return synth.l2_target == "kept" and privacy.target == Level.L2 and privacy.background != Level.L2
 
 
 def _bounding_box(mask: np.ndarray, size: int) -> list[float] | None:
@@ -124,10 +134,12 @@ def plan_label(request_id: str, tenant: str, subject: str, label: LabelSpec, pri
         ref = own[index % len(own)]
         if ref not in conditions:
             conditions[ref] = conditioning(by_ref[ref]["target"], by_ref[ref]["background"], synth.resolution,
-                                           target_pixels=synth.l2_target == "image_guided")
+                                           synth.l2_target)
         personalised = adapter is not None and privacy.target == Level.L2
         prompt = build_prompt(subject, label.phrase, seed, token=token if personalised else None,
                               describe_setting=privacy.background == Level.L0, decorate=synth.prompt_decorations)
+        if kept_target(privacy, synth):  # the painted part starts from noise: no image guides it
+            common["strength"] = 1.0
         items.append(WorkItem(pool=config, prompt=prompt, source_ref=ref, adapter=adapter if personalised else None,
                               **conditions[ref], **common))
     return items
