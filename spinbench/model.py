@@ -39,7 +39,7 @@ Weights are stored in float16 (the folder stays under 30 MB) and load as float32
 when asked for float32, and the text encoder's config names float32 so transformers' "auto" dtype
 upcasts it even when no dtype is given (e.g. the personalization trainer's `from_pretrained`).
 
-Choices measured on the 2-core CPU this is built on (CPU seconds per step):
+Choices measured on the 2-core CPU this is built on:
 - Self-attention over 16x16 latents (256 tokens) with 8-wide heads cost more than every convolution
   of an earlier, 16x16-latent UNet (SDPA on CPU), so attention lives at 8x8 and 4x4 only, and the top
   level has 32 channels. A UNet step (batch 32, 32x32 latents, with the text encoder) takes about 0.35 s
@@ -180,15 +180,13 @@ def make_unet():
 def make_controlnet(unet):
     from diffusers import ControlNetModel
 
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-    if controlnet.config.addition_embed_type_num_heads == unet.config.addition_embed_type_num_heads:
-        return controlnet
-    # `from_unet` leaves the caption pooling's head count at its default: the same weights, another split
-    # (`from_config` drops that key, so the constructor is called)
-    config = {k: v for k, v in controlnet.config.items() if not k.startswith("_")}
-    same = ControlNetModel(**{**config, "addition_embed_type_num_heads": unet.config.addition_embed_type_num_heads})
-    same.load_state_dict(controlnet.state_dict())
-    return same
+    copied = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    # `from_unet` leaves the caption pooling's head count at its default (64): rebuild it with the UNet's,
+    # the same weights split into other heads (`from_config` drops that key, so the constructor is called)
+    config = {k: v for k, v in copied.config.items() if not k.startswith("_")}
+    controlnet = ControlNetModel(**{**config, "addition_embed_type_num_heads": TEXT_POOL_HEADS})
+    controlnet.load_state_dict(copied.state_dict())
+    return controlnet
 
 
 def make_scheduler():
