@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     world.add_argument("--privacy", type=_config, default="L1_L0", help="target_background levels (default L1_L0)")
     world.add_argument("--images-per-label", type=_positive, default=None,
                        help="synthetic images per state (default 16)")
+    world.add_argument("--l2-target", choices=L2_TARGETS, default=None,
+                       help="synthesis.l2_target: how an L2 target is drawn (default: the system's)")
     run = sub.add_parser("run", help="run the benchmark for one user through the batch job")
     run.add_argument("--user-seed", type=int, required=True)
     run.add_argument("--out", required=True, help="output folder (world, storage, results)")
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.test_per_state < 0:
             parser.error("--test-per-state must be >= 0")
         target, background = args.privacy.split("_")
-        synthesis = None if args.images_per_label is None else {"images_per_label": args.images_per_label}
+        synthesis = {name: value for name, value in (("images_per_label", args.images_per_label),
+                                                      ("l2_target", args.l2_target)) if value is not None}
         print(write_user_request(args.user_seed, args.out, references_per_state=args.references_per_state,
                                  test_per_state=args.test_per_state,
                                  privacy={"target": target, "background": background}, synthesis=synthesis))
