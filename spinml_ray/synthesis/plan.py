@@ -50,7 +50,7 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 def conditioning(target: dict, background: dict, size: int, l2_target: str = "image_guided") -> dict[str, bytes | None]:
     """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows, an L2 target
     drawn the `l2_target` way (`SynthesisSpec.l2_target`)."""
-    target_pixels = l2_target != "personalized_text"
+    target_pixels = SynthesisSpec.model_construct(l2_target=l2_target).target_pixels
     rows = {"target": target, "background": background}
     edges = [decode_png(r["payload"]) for r in rows.values() if r["level"] == Level.L1.value]
     released = {name: r for name, r in rows.items()
