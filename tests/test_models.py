@@ -82,6 +82,19 @@ def test_every_pipeline_kind_generates_deterministically(engine):
     assert engine.generate([_item("txt", seed=4)])[0].image != first[0].image
 
 
+@pytest.mark.parametrize("with_edges", [False, True])
+def test_inpainting_keeps_the_unmasked_pixels_exactly(engine, with_edges):
+    rng = np.random.default_rng(1)
+    init = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    hole = np.zeros((32, 32), bool)
+    hole[rng.integers(0, 16):, rng.integers(0, 16):] = True  # white: painted; black: kept
+    extra = {"control_image": encode_png(np.full((32, 32, 3), 255, np.uint8))} if with_edges else {}
+    (out,) = engine.generate([_item("inp", init_image=encode_png(init), mask_image=encode_png(hole), **extra)])
+    image = decode_png(out.image)
+    assert np.array_equal(image[~hole], init[~hole])  # the latents alone would only approximate them
+    assert not np.array_equal(image[hole], init[hole])
+
+
 def test_conditioning_changes_the_image(engine):
     edges_a = encode_png(np.zeros((32, 32, 3), np.uint8))
     edges_b = encode_png(np.full((32, 32, 3), 255, np.uint8))

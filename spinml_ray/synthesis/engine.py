@@ -46,6 +46,14 @@ def _pil(data: bytes, mode: str) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert(mode)
 
 
+def _keep_unmasked(processor, pixels: np.ndarray, init_image: bytes, mask_image: bytes) -> np.ndarray:
+    """The generated `pixels` with the init image pasted back where the mask is black (kept): inpainting
+    works on latents, and a decoded latent only approximates the pixels it was meant to keep."""
+    size = (pixels.shape[1], pixels.shape[0])
+    mask, init = _pil(mask_image, "L").resize(size, Image.NEAREST), _pil(init_image, "RGB").resize(size, Image.LANCZOS)
+    return np.asarray(processor.apply_overlay(mask, init, Image.fromarray(pixels)))
+
+
 SCHEDULERS = {
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "ddim": ("DDIMScheduler", {}),
@@ -261,6 +269,8 @@ class DiffusionEngine:
         out = []
         for item, array, heat in zip(group, images, maps):
             pixels = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            if item.mask_image is not None:  # what the mask keeps is the released pixels, exactly
+                pixels = _keep_unmasked(pipe.image_processor, pixels, item.init_image, item.mask_image)
             received = b"".join(x for x in (item.control_image, item.init_image, item.mask_image) if x is not None)
             out.append(
                 GeneratedImage(
