@@ -40,4 +40,11 @@ if group_alive; then
   kill -KILL -- "-$pgid" 2>/dev/null || true
 fi
 rm -f "$pid_file"
+# `ray start` names its head in Ray's address file, and a later `ray.init()` on this machine takes that
+# head for a running cluster even once it is gone (with `num_cpus`, it refuses to start its own). `ray stop`
+# removes the file; so does this, when it still names this head. The path is Ray's default on Linux.
+address_file="${RAY_TMPDIR:-${TMPDIR:-/tmp}}/ray/ray_current_cluster"
+if [[ -f "$address_file" && "$(cat "$address_file")" == "127.0.0.1:$port" ]]; then
+  rm -f "$address_file"
+fi
 echo "stopped the local Ray head on port $port (process group $pgid)"
