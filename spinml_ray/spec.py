@@ -108,9 +108,9 @@ class SynthesisSpec(_Strict):
         default=True, description="add a seeded view, lighting and (with an L0 background) setting to each prompt "
                                   "for diversity; false gives the SpinML paper's 'A photo of a {subject} {phrase}.'")
     l2_target: Literal["image_guided", "kept", "personalized_text"] = Field(
-        default="image_guided", description="how a target released at L2 is drawn: image_guided starts from its "
-        "released pixels (img2img, with the adapter where there is one); kept keeps those pixels as they are and "
-        "paints the rest of the image around them (inpainting, from noise: strength does not apply); "
+        default="kept", description="how a target released at L2 is drawn: kept (the default) keeps its released "
+        "pixels as they are and paints the rest of the image around them (inpainting, from noise: strength does "
+        "not apply); image_guided starts from those pixels (img2img, with the adapter where there is one); "
         "personalized_text draws it from the prompt with the personalized model's identifier, as the SpinML paper "
         "does, and needs personalization")
 

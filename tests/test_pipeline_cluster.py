@@ -324,7 +324,7 @@ def test_bundle_sanitized_on_the_device_is_accepted(tmp_path, synthesis, http_po
     device_rows = storage.read_table(str(device / "bundle.parquet")).to_pylist()
     assert [r["payload_sha256"] for r in rows] == [r["payload_sha256"] for r in device_rows]
     synthetic = storage.read_committed_table(os.path.join(base, "synthetic")).to_pylist()
-    assert {r["kind"] for r in synthetic} == {"img2img"} and len(synthetic) == 4
+    assert {r["kind"] for r in synthetic} == {"inpaint"} and len(synthetic) == 4  # the kept target, room painted
 
 
 def test_a_killed_training_worker_resumes_from_its_last_epoch(tmp_path, synthesis, http_port):

@@ -26,11 +26,11 @@ EXPECTED_KIND = {
     "L1_L0": "controlnet",
     "L0_L1": "controlnet",
     "L1_L1": "controlnet",
-    "L2_L0": "img2img",
+    "L2_L0": "inpaint",  # the default l2_target, kept: the released target stays, the rest is painted
     "L0_L2": "inpaint",
     "L2_L2": "img2img",
     "L1_L2": "controlnet_inpaint",
-    "L2_L1": "controlnet_img2img",
+    "L2_L1": "controlnet_inpaint",
 }
 
 
@@ -96,7 +96,7 @@ def test_kind_and_conditioning_follow_the_levels(scenes, target, background):
     for item in items:
         assert (item.control_image is not None) == uses_l1
         assert (item.init_image is not None) == uses_l2
-        assert (item.mask_image is not None) == (target != "L2" and background == "L2")
+        assert (item.mask_image is not None) == ((target == "L2") != (background == "L2"))
         assert item.resolution == RESOLUTION
         assert (item.source_ref is None) == (config == L0_L0)
         for png in (item.control_image, item.init_image, item.mask_image):
@@ -119,9 +119,10 @@ def test_kind_and_conditioning_follow_the_levels(scenes, target, background):
             if target == "L2":
                 assert init[eroded(target_mask)].mean() > 60  # the duck's own (bright) pixels
         if item.mask_image is not None:
-            hole = decode_png(item.mask_image) > 0
-            iou = (hole & target_mask).sum() / (hole | target_mask).sum()
-            assert iou > 0.9  # the region to inpaint is the target's
+            painted = decode_png(item.mask_image) > 0
+            region = ~target_mask if target == "L2" else target_mask  # around a kept target, or the target's hole
+            iou = (painted & region).sum() / (painted | region).sum()
+            assert iou > 0.9
 
 
 def test_l1_l1_control_is_the_union_of_both_edge_maps(scenes):

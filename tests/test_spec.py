@@ -391,7 +391,7 @@ def test_the_paper_recipe_gives_the_papers_settings_end_to_end():
     # without the recipe, the project's defaults: the recipe is what changed them
     plain = parse_request(document)
     assert (plain.synthesis.scheduler, plain.synthesis.prompt_decorations, plain.synthesis.l2_target) == (
-        "dpmsolver++", True, "image_guided")
+        "dpmsolver++", True, "kept")
 
 
 def test_a_requests_own_settings_win_over_its_recipe():

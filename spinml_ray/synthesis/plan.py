@@ -2,9 +2,9 @@
 
 The level of each object decides the conditioning (see docs/DESIGN.md, "From levels to pipelines"):
 - L1 objects contribute their edge maps to one ControlNet (Canny) image;
-- an L2 target gives image guidance from its released pixels (img2img); with `l2_target: kept` its
-  pixels stay as they are and the rest is inpainted around them; with `l2_target: personalized_text`
-  they guide nothing: the personalized model draws it from the prompt's identifier;
+- an L2 target's released pixels stay as they are and the rest is inpainted around them
+  (`l2_target: kept`, the default); with `image_guided` they start the image instead (img2img); with
+  `personalized_text` they guide nothing: the personalized model draws it from the prompt's identifier;
 - an L2 background alone is kept and the target's region is inpainted on it;
 - both at L2 give image guidance from the two released parts together.
 A fraction `alpha` of each label's images comes from the L0_L0 pool (text only). Only the sanitized
@@ -47,7 +47,7 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
 
 
-def conditioning(target: dict, background: dict, size: int, l2_target: str = "image_guided") -> dict[str, bytes | None]:
+def conditioning(target: dict, background: dict, size: int, l2_target: str) -> dict[str, bytes | None]:
     """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows, an L2 target
     drawn the `l2_target` way (`SynthesisSpec.l2_target`)."""
     target_pixels = SynthesisSpec.model_construct(l2_target=l2_target).target_pixels
