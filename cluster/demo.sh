@@ -6,7 +6,7 @@
 # printed beside chance, with a picture; otherwise it is the example request on the `tiny` model
 # (random weights: noise and chance, the plumbing only).
 #   SPINML_DEMO_USER=N      another SpinBench user (default 0)
-#   SPINML_DEMO_PRIVACY=..  the levels, target_background (default L1_L0: the dog's edges, nothing of the room)
+#   SPINML_DEMO_PRIVACY=..  the levels, target_background (default L2_L0: the dog's pixels, nothing of the room)
 #   SPINML_REQUEST=FILE     run this request instead, on SPINML_MODEL (default tiny)
 set -euo pipefail
 
@@ -28,28 +28,30 @@ else
   # directory Ray uploads for the job (excluded below).
   model="$repo_root/spinbench/weights"
   request="$(python -m spinbench.cli world --user-seed "${SPINML_DEMO_USER:-0}" \
-    --privacy "${SPINML_DEMO_PRIVACY:-L1_L0}" --out "$storage/demo-world/user-${SPINML_DEMO_USER:-0}")"
+    --privacy "${SPINML_DEMO_PRIVACY:-L2_L0}" --images-per-label 32 --out "$storage/demo-world/user-${SPINML_DEMO_USER:-0}")"
 fi
 
 if (exec 3<>"/dev/tcp/127.0.0.1/$RAY_PORT") 2>/dev/null; then
   echo "demo: something (a Ray cluster?) already listens on 127.0.0.1:$RAY_PORT; stop it or set RAY_PORT/RAY_DASHBOARD_PORT" >&2
   exit 1
 fi
-# The dashboard agent and metrics get free ports, so the demo runs beside another local Ray.
-read -r agent_port metrics_port < <(python - <<'PY'
+# The dashboard agent, metrics, Ray client server and the synthesis app's HTTP endpoint get free ports,
+# so the demo runs beside another local Ray (or Serve app).
+read -r agent_port metrics_port client_port http_port < <(python - <<'PY'
 import socket
-socks = [socket.socket() for _ in range(2)]
+socks = [socket.socket() for _ in range(4)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
 PY
 )
-bash cluster/start-local.sh --dashboard-agent-listen-port="$agent_port" --metrics-export-port="$metrics_port" >/dev/null
+bash cluster/start-local.sh --dashboard-agent-listen-port="$agent_port" --metrics-export-port="$metrics_port" \
+  --ray-client-server-port="$client_port" >/dev/null
 trap 'bash cluster/stop-local.sh >/dev/null 2>&1 || true' EXIT
 
 ray job submit --address "http://127.0.0.1:$RAY_DASHBOARD_PORT" --working-dir . \
   --runtime-env-json '{"excludes": [".venv", ".git", ".ray-local", "spinml-data", "spinbench/weights", "*.egg-info", ".pytest_cache", ".hypothesis"]}' \
-  -- python jobs/run_request.py "$request" --storage "$storage" --model "$model"
+  -- python jobs/run_request.py "$request" --storage "$storage" --model "$model" --http-port "$http_port"
 
 result="$(python - "$request" "$storage" <<'PY'
 import sys
