@@ -3,13 +3,14 @@
 cluster/demo.sh starts its own loopback head, submits a SpinBench user's request as a Ray job (sanitize,
 personalize, synthesize, train, evaluate on the user's real test images), and prints the accuracy beside
 chance. The trained model must beat chance by a margin that held for every seed tried (docs/SPINBENCH.md,
-"The smoke test")."""
+"The demo and the smoke test")."""
 
 import os
 import re
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,9 +40,8 @@ def test_make_demo_trains_a_model_that_beats_chance(tmp_path):
     out = demo.stdout + demo.stderr
     assert demo.returncode == 0, out[-4000:]
     # the stopped head is not left named in Ray's address file, where a later `ray.init()` would look for it
-    address_file = os.path.join(os.environ.get("RAY_TMPDIR", os.environ.get("TMPDIR", "/tmp")), "ray",
-                                "ray_current_cluster")
-    assert not (os.path.exists(address_file) and open(address_file).read() == f"127.0.0.1:{env['RAY_PORT']}")
+    address_file = Path(os.environ.get("RAY_TMPDIR", os.environ.get("TMPDIR", "/tmp")), "ray", "ray_current_cluster")
+    assert not (address_file.exists() and address_file.read_text() == f"127.0.0.1:{env['RAY_PORT']}")
     found = re.search(r"accuracy on (\d+) real test images \(.*\): ([0-9.]+) \(chance ([0-9.]+)\), privacy (\w+)", out)
     assert found, out[-4000:]
     n, accuracy, chance, privacy = int(found[1]), float(found[2]), float(found[3]), found[4]
