@@ -22,6 +22,11 @@ L2_TARGETS = typing.get_args(SynthesisSpec.model_fields["l2_target"].annotation)
 _configs, _floats = sweep_arg("parse_configs"), sweep_arg("parse_alphas")
 
 
+def _synthesis(**settings) -> dict:
+    """The request's synthesis fields given on the command line (None: not given, the default holds)."""
+    return {name: value for name, value in settings.items() if value is not None}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinml spinbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.test_per_state < 0:
             parser.error("--test-per-state must be >= 0")
         target, background = args.privacy.split("_")
-        synthesis = {name: value for name, value in (("images_per_label", args.images_per_label),
-                                                      ("l2_target", args.l2_target)) if value is not None}
+        synthesis = _synthesis(images_per_label=args.images_per_label, l2_target=args.l2_target)
         print(write_user_request(args.user_seed, args.out, references_per_state=args.references_per_state,
                                  test_per_state=args.test_per_state,
                                  privacy={"target": target, "background": background}, synthesis=synthesis))
@@ -94,11 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.test_per_state < 1:
             parser.error("--test-per-state must be >= 1")
         runs = plan(args.configs or CONFIGS, args.alphas, args.seeds)
-        synthesis = {"images_per_label": args.images_per_label, "steps": args.steps}
-        if args.l2_target:
-            synthesis["l2_target"] = args.l2_target
-        if args.prompt_decorations:
-            synthesis["prompt_decorations"] = args.prompt_decorations == "on"
+        decorations = None if args.prompt_decorations is None else args.prompt_decorations == "on"
+        synthesis = _synthesis(images_per_label=args.images_per_label, steps=args.steps,
+                               l2_target=args.l2_target, prompt_decorations=decorations)
         results = run_benchmark(
             args.user_seed, args.out, runs, model=args.model, storage_root=args.storage, address=args.address,
             num_cpus=args.num_cpus, baselines=args.baselines, max_concurrent=args.max_concurrent,

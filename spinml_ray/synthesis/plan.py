@@ -47,10 +47,11 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
 
 
-def conditioning(target: dict, background: dict, size: int, l2_target: str) -> dict[str, bytes | None]:
-    """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows, an L2 target
-    drawn the `l2_target` way (`SynthesisSpec.l2_target`)."""
-    target_pixels = SynthesisSpec.model_construct(l2_target=l2_target).target_pixels
+def conditioning(target: dict, background: dict, size: int, target_pixels: bool = True,
+                 kept: bool = False) -> dict[str, bytes | None]:
+    """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows. Without
+    `target_pixels` an L2 target's pixels guide nothing (`SynthesisSpec.target_pixels`); with `kept`
+    (`kept_target`) they stay as released and everything around them is painted."""
     rows = {"target": target, "background": background}
     edges = [decode_png(r["payload"]) for r in rows.values() if r["level"] == Level.L1.value]
     released = {name: r for name, r in rows.items()
@@ -65,7 +66,7 @@ def conditioning(target: dict, background: dict, size: int, l2_target: str) -> d
         if set(released) == {"background"}:
             hole = ~(decode_png(released["background"]["region"]) > 0)
             out["mask_image"] = encode_png(_resize_mask(hole, size))
-        elif set(released) == {"target"} and l2_target == "kept":  # everything but the target is painted
+        elif kept:  # everything but the target is painted
             around = ~(decode_png(released["target"]["region"]) > 0)
             out["mask_image"] = encode_png(_resize_mask(around, size))
     return out
@@ -118,6 +119,7 @@ def plan_label(request_id: str, tenant: str, subject: str, label: LabelSpec, pri
     if n_l0 < n and not refs:
         raise ValueError(f"privacy {config} needs sanitized references, and none were accepted")
     own = [r for r in refs if by_ref[r]["target"].get("label") in (None, label.name)] or refs
+    kept = kept_target(privacy, synth)
     conditions: dict[str, dict] = {}
     items = []
     for index in range(n):
@@ -134,11 +136,11 @@ def plan_label(request_id: str, tenant: str, subject: str, label: LabelSpec, pri
         ref = own[index % len(own)]
         if ref not in conditions:
             conditions[ref] = conditioning(by_ref[ref]["target"], by_ref[ref]["background"], synth.resolution,
-                                           synth.l2_target)
+                                           synth.target_pixels, kept)
         personalised = adapter is not None and privacy.target == Level.L2
         prompt = build_prompt(subject, label.phrase, seed, token=token if personalised else None,
                               describe_setting=privacy.background == Level.L0, decorate=synth.prompt_decorations)
-        if kept_target(privacy, synth):  # the painted part starts from noise: no image guides it
+        if kept:  # the painted part starts from noise: no image guides it
             common["strength"] = 1.0
         items.append(WorkItem(pool=config, prompt=prompt, source_ref=ref, adapter=adapter if personalised else None,
                               **conditions[ref], **common))
