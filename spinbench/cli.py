@@ -18,6 +18,7 @@ from spinml_ray.cli import sweep_arg
 from spinml_ray.spec import SynthesisSpec
 
 L2_TARGETS = typing.get_args(SynthesisSpec.model_fields["l2_target"].annotation)
+PLACEMENTS = typing.get_args(SynthesisSpec.model_fields["placement"].annotation)
 
 _configs, _floats = sweep_arg("parse_configs"), sweep_arg("parse_alphas")
 
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="synthetic images per state (default 16)")
     world.add_argument("--l2-target", choices=L2_TARGETS, default=None,
                        help="synthesis.l2_target: how an L2 target is drawn (default: the system's)")
+    world.add_argument("--placement", choices=PLACEMENTS, default=None,
+                       help="synthesis.placement: where each image puts the target (default: the system's)")
     run = sub.add_parser("run", help="run the benchmark for one user through the batch job")
     run.add_argument("--user-seed", type=int, required=True)
     run.add_argument("--out", required=True, help="output folder (world, storage, results)")
@@ -62,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--test-per-state", type=int, default=25)
     run.add_argument("--l2-target", choices=L2_TARGETS, default=None,
                      help="synthesis.l2_target of every request (default: the system's)")
+    run.add_argument("--placement", choices=PLACEMENTS, default=None,
+                     help="synthesis.placement of every request (default: the system's)")
     run.add_argument("--prompt-decorations", choices=("on", "off"), default=None,
                      help="synthesis.prompt_decorations of every request (default: the system's)")
     run.add_argument("--http-port", type=int, default=8000, help="the synthesis app's HTTP port (default 8000)")
@@ -86,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.test_per_state < 0:
             parser.error("--test-per-state must be >= 0")
         target, background = args.privacy.split("_")
-        synthesis = _synthesis(images_per_label=args.images_per_label, l2_target=args.l2_target)
+        synthesis = _synthesis(images_per_label=args.images_per_label, l2_target=args.l2_target,
+                               placement=args.placement)
         print(write_user_request(args.user_seed, args.out, references_per_state=args.references_per_state,
                                  test_per_state=args.test_per_state,
                                  privacy={"target": target, "background": background}, synthesis=synthesis))
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = plan(args.configs or CONFIGS, args.alphas, args.seeds)
         decorations = None if args.prompt_decorations is None else args.prompt_decorations == "on"
         synthesis = _synthesis(images_per_label=args.images_per_label, steps=args.steps,
-                               l2_target=args.l2_target, prompt_decorations=decorations)
+                               l2_target=args.l2_target, prompt_decorations=decorations, placement=args.placement)
         results = run_benchmark(
             args.user_seed, args.out, runs, model=args.model, storage_root=args.storage, address=args.address,
             num_cpus=args.num_cpus, baselines=args.baselines, max_concurrent=args.max_concurrent,

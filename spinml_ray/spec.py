@@ -113,6 +113,10 @@ class SynthesisSpec(_Strict):
         "not apply); image_guided starts from those pixels (img2img, with the adapter where there is one); "
         "personalized_text draws it from the prompt with the personalized model's identifier, as the SpinML paper "
         "does, and needs personalization")
+    placement: Literal["as_released", "varied"] = Field(
+        default="as_released", description="where an image puts a target whose edges (L1) or pixels (L2) condition "
+        "it, with an L0 background: as_released keeps the reference's place; varied gives each image a seeded "
+        "place along the same floor line, mirrored half the time (nothing more is released)")
 
     @property
     def target_pixels(self) -> bool:

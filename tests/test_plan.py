@@ -9,12 +9,23 @@ import json
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spinml_ray.examples import LABELS, make_scene
-from spinml_ray.images import decode_png
+from spinml_ray.images import box_of_mask, decode_png
 from spinml_ray.sanitizer import sanitize_image
 from spinml_ray.spec import Level, parse_request
-from spinml_ray.synthesis.plan import L0_L0, geometry_box, image_seed, index_bundle, plan_work_items
+from spinml_ray.synthesis.plan import (
+    L0_L0,
+    _place,
+    choose_placement,
+    geometry_box,
+    image_seed,
+    index_bundle,
+    placed_box,
+    plan_work_items,
+)
 from spinml_ray.synthesis.prompts import SETTINGS, VIEWS, build_prompt
 from spinml_ray.synthesis.workitems import WorkItem
 
@@ -403,3 +414,54 @@ def test_a_kept_l2_target_stays_as_released_and_the_rest_is_inpainted(scenes, ba
         for rows in index_bundle(sanitized_rows(scenes, "L2", background)).values():
             assert geometry_box(rows["target"], rows["background"], RESOLUTION,
                                 make_spec("L2", background, l2_target="kept").synthesis.target_pixels) is not None
+
+
+# ---------------------------------------------------------------- placement: varied
+
+
+MOVABLE = {("L1", "L0", "kept"), ("L2", "L0", "kept"), ("L2", "L0", "image_guided"), ("L1", "L0", "image_guided")}
+
+
+@pytest.mark.parametrize("target, background, l2_target",
+                         [(t, b, how) for t, b in itertools.product(LEVELS, LEVELS) for how in ("kept", "image_guided")])
+def test_varied_placement_moves_the_target_and_its_box_together_where_the_background_is_painted(
+        scenes, target, background, l2_target):
+    fixed = plan(scenes, target, background, n=12, l2_target=l2_target)
+    varied = plan(scenes, target, background, n=12, l2_target=l2_target, placement="varied")
+    if (target, background, l2_target) not in MOVABLE:  # the background's release fixes the frame: nothing moves
+        assert [i.model_dump() for i in varied] == [i.model_dump() for i in fixed]
+        return
+    placements = []
+    for item, same in zip(varied, fixed):
+        assert item.kind == same.kind and (item.prompt, item.seed, item.strength) == (same.prompt, same.seed, same.strength)
+        placement = choose_placement(item.seed, same.box, RESOLUTION)
+        placements.append(placement)
+        assert item.box == placed_box(same.box, placement, RESOLUTION)
+        x0, y0, x1, y1 = item.box
+        assert 0 <= x0 and x1 <= RESOLUTION and (y0, y1) == (same.box[1], same.box[3])  # along the floor line
+        # the same released edges or pixels, moved with the box (and nothing else changed)
+        for moved, still in ((item.control_image, same.control_image), (item.init_image, same.init_image)):
+            assert (moved is None) == (still is None)
+            if still is not None:
+                assert np.array_equal(decode_png(moved), _place(decode_png(still), placement))
+                shown = box_of_mask(decode_png(moved).max(axis=-1) > 12)  # past the resampling's ringing
+                assert x0 - 1 <= shown[0] and shown[2] <= x1 + 1
+        if item.mask_image is not None:  # kept: everything but the moved target is painted
+            assert np.array_equal(decode_png(item.mask_image) > 0, _place(decode_png(same.mask_image) > 0, placement))
+    assert {mirror for _, mirror in placements} == {False, True}
+    assert len({tuple(item.box) for item in varied}) > len(REFS)  # more places than references
+
+
+@given(x0=st.integers(0, 63), width=st.integers(1, 64), y0=st.integers(0, 60), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=200, deadline=None)
+def test_a_placement_keeps_the_whole_box_inside_the_frame_and_moves_the_pixels_with_it(x0, width, y0, seed):
+    size = 64
+    x1 = min(size, x0 + width)
+    mask = np.zeros((size, size), bool)
+    mask[y0:y0 + 4, x0:x1] = True
+    box = box_of_mask(mask)
+    placement = choose_placement(seed, box, size)
+    moved = placed_box(box, placement, size)
+    assert 0 <= moved[0] and moved[2] <= size and moved[2] - moved[0] == box[2] - box[0] and moved[1::2] == box[1::2]
+    assert box_of_mask(_place(mask, placement)) == moved  # nothing of the box wrapped round the frame
+    assert choose_placement(seed, box, size) == placement

@@ -4,7 +4,7 @@ The job reads only the sanitized bundle, plans the work items (`synthesis/plan.p
 through a deployment handle with a bounded number in flight, and writes `synthetic/` in Parquet
 parts committed by a manifest. Each row records the prompt, seed and settings that regenerate it,
 the digest of the conditioning sent next to the digest the deployment says it received, and the
-target's box where the conditioning's geometry fixes it (`plan.geometry_box`; detection trains on it).
+target's box where the conditioning's geometry fixes it (`WorkItem.box`, from the plan; detection trains on it).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from spinml_ray.images import digest
 from spinml_ray.ray_layer.cluster import failure_reason, lost_process
 from spinml_ray.ray_layer.service import submit
 from spinml_ray.spec import RequestSpec
-from spinml_ray.synthesis.plan import geometry_box, index_bundle, plan_work_items
+from spinml_ray.synthesis.plan import index_bundle, plan_work_items
 from spinml_ray.synthesis.workitems import SYNTHETIC_SCHEMA, WorkItem
 
 PART_ROWS = 256
@@ -66,13 +66,9 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
 
     sanitized = storage.read_committed_table(paths.sanitized).to_pylist()
     adapter, token = adapter_for(paths)
-    by_ref = index_bundle(sanitized)
-    items = plan_work_items(spec, by_ref, adapter, token)
-    boxes = {ref: geometry_box(rows["target"], rows["background"], spec.synthesis.resolution,
-                               spec.synthesis.target_pixels)
-             for ref, rows in by_ref.items()}
+    items = plan_work_items(spec, index_bundle(sanitized), adapter, token)
     if spec.task == "detection":  # where no geometry places the subject, ask where the model drew it
-        items = [i if boxes.get(i.source_ref) else i.model_copy(update={"attend": spec.subject}) for i in items]
+        items = [i if i.box else i.model_copy(update={"attend": spec.subject}) for i in items]
     label_index = {name: i for i, name in enumerate(spec.label_names)}
     rows, parts, failures, resent = [], [], [], 0
 
@@ -104,7 +100,6 @@ def run_synthesize(spec: RequestSpec, paths: storage.RequestPaths, handle, max_i
                     "kind": generated.kind,
                     "condition_sha256": sent,
                     "received_sha256": generated.received_sha256,
-                    "box": boxes.get(item.source_ref) if item.source_ref else None,
                     "attention": generated.attention,
                     "image": generated.image,
                 }

@@ -7,8 +7,11 @@ The level of each object decides the conditioning (see docs/DESIGN.md, "From lev
   `personalized_text` they guide nothing: the personalized model draws it from the prompt's identifier;
 - an L2 background alone is kept and the target's region is inpainted on it;
 - both at L2 give image guidance from the two released parts together.
-A fraction `alpha` of each label's images comes from the L0_L0 pool (text only). Only the sanitized
-rows are read here: the raw references are never opened after sanitization.
+With `placement: varied` and an L0 background, each image puts the target's edges or pixels at its own
+seeded place along the floor line, mirrored half the time (`choose_placement`): the room is painted
+anyway, and nothing more is released. A fraction `alpha` of each label's images comes from the L0_L0
+pool (text only). Only the sanitized rows are read here: the raw references are never opened after
+sanitization.
 """
 
 from __future__ import annotations
@@ -47,34 +50,73 @@ def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
 
 
+# Where one image puts its target: a horizontal shift in pixels, applied after an optional mirror.
+Placement = tuple[int, bool]
+
+
+def choose_placement(seed: int, box: list[float], size: int) -> Placement:
+    """A seeded mirror and shift that keep the whole `box` (x0, y0, x1, y1) inside a size-wide frame."""
+    rng = np.random.default_rng(seed)
+    mirror = bool(rng.random() < 0.5)
+    x0, x1 = (size - box[2], size - box[0]) if mirror else (box[0], box[2])
+    return int(rng.integers(-math.floor(x0), size - math.ceil(x1) + 1)), mirror
+
+
+def _place(image: np.ndarray, placement: Placement | None) -> np.ndarray:
+    """`image` (H x W [x C]) mirrored and shifted; what wraps round is what lies outside the box."""
+    if placement is None:
+        return image
+    shift, mirror = placement
+    return np.roll(image[:, ::-1] if mirror else image, shift, axis=1)
+
+
+def placed_box(box: list[float] | None, placement: Placement | None, size: int) -> list[float] | None:
+    """`box` where `_place` moves it in a size-wide frame."""
+    if box is None or placement is None:
+        return box
+    shift, mirror = placement
+    x0, y0, x1, y1 = box
+    if mirror:
+        x0, x1 = size - x1, size - x0
+    return [x0 + shift, y0, x1 + shift, y1]
+
+
 def conditioning(target: dict, background: dict, size: int, target_pixels: bool = True,
-                 kept: bool = False) -> dict[str, bytes | None]:
+                 kept: bool = False, placement: Placement | None = None) -> dict[str, bytes | None]:
     """control/init/mask images (PNG bytes or None) for one reference's two sanitized rows. Without
     `target_pixels` an L2 target's pixels guide nothing (`SynthesisSpec.target_pixels`); with `kept`
-    (`kept_target`) they stay as released and everything around them is painted."""
+    (`kept_target`) they stay as released and everything around them is painted. `placement` moves
+    the whole frame (`choose_placement`; only where the background guides nothing: `movable_target`)."""
     rows = {"target": target, "background": background}
     edges = [decode_png(r["payload"]) for r in rows.values() if r["level"] == Level.L1.value]
     released = {name: r for name, r in rows.items()
                 if r["level"] == Level.L2.value and (name == "background" or target_pixels)}
     out: dict[str, bytes | None] = {"control_image": None, "init_image": None, "mask_image": None}
     if edges:
-        combined = _resize_edges(np.maximum.reduce(edges), size)
+        combined = _place(_resize_edges(np.maximum.reduce(edges), size), placement)
         out["control_image"] = encode_png(np.stack([combined] * 3, axis=-1))
     if released:
         pixels = sum(decode_png(r["payload"]).astype(np.uint16) for r in released.values())
-        out["init_image"] = encode_png(_resize_rgb(np.clip(pixels, 0, 255).astype(np.uint8), size))
+        out["init_image"] = encode_png(_place(_resize_rgb(np.clip(pixels, 0, 255).astype(np.uint8), size), placement))
         if set(released) == {"background"}:
             hole = ~(decode_png(released["background"]["region"]) > 0)
             out["mask_image"] = encode_png(_resize_mask(hole, size))
         elif kept:  # everything but the target is painted
-            around = ~(decode_png(released["target"]["region"]) > 0)
-            out["mask_image"] = encode_png(_resize_mask(around, size))
+            region = _place(_resize_mask(decode_png(released["target"]["region"]) > 0, size), placement)
+            out["mask_image"] = encode_png(~region)
     return out
 
 
 def kept_target(privacy: PrivacySpec, synth: SynthesisSpec) -> bool:
     """An L2 target kept as released, the rest inpainted (not with an L2 background: both parts guide)."""
     return synth.l2_target == "kept" and privacy.target == Level.L2 and privacy.background != Level.L2
+
+
+def movable_target(privacy: PrivacySpec, synth: SynthesisSpec) -> bool:
+    """Whether each image places the target anew (`placement: varied`): the target's edges (L1) or
+    pixels (L2, where they guide) condition the image and the background guides nothing (L0)."""
+    conditions = privacy.target == Level.L1 or (privacy.target == Level.L2 and synth.target_pixels)
+    return synth.placement == "varied" and conditions and privacy.background == Level.L0
 
 
 def _bounding_box(mask: np.ndarray, size: int) -> list[float] | None:
@@ -119,8 +161,10 @@ def plan_label(request_id: str, tenant: str, subject: str, label: LabelSpec, pri
     if n_l0 < n and not refs:
         raise ValueError(f"privacy {config} needs sanitized references, and none were accepted")
     own = [r for r in refs if by_ref[r]["target"].get("label") in (None, label.name)] or refs
-    kept = kept_target(privacy, synth)
-    conditions: dict[str, dict] = {}
+    kept, movable = kept_target(privacy, synth), movable_target(privacy, synth)
+    conditions: dict[tuple, dict] = {}
+    boxes = {ref: geometry_box(rows["target"], rows["background"], synth.resolution, synth.target_pixels)
+             for ref, rows in by_ref.items()}
     items = []
     for index in range(n):
         seed = image_seed(synth.seed, label.name, index)
@@ -134,16 +178,19 @@ def plan_label(request_id: str, tenant: str, subject: str, label: LabelSpec, pri
             items.append(WorkItem(pool=L0_L0, prompt=prompt, **common))
             continue
         ref = own[index % len(own)]
-        if ref not in conditions:
-            conditions[ref] = conditioning(by_ref[ref]["target"], by_ref[ref]["background"], synth.resolution,
-                                           synth.target_pixels, kept)
+        rows = by_ref[ref]
+        placement = choose_placement(seed, boxes[ref], synth.resolution) if movable and boxes[ref] else None
+        if (ref, placement) not in conditions:
+            conditions[ref, placement] = conditioning(rows["target"], rows["background"], synth.resolution,
+                                                      synth.target_pixels, kept, placement)
         personalised = adapter is not None and privacy.target == Level.L2
         prompt = build_prompt(subject, label.phrase, seed, token=token if personalised else None,
                               describe_setting=privacy.background == Level.L0, decorate=synth.prompt_decorations)
         if kept:  # the painted part starts from noise: no image guides it
             common["strength"] = 1.0
         items.append(WorkItem(pool=config, prompt=prompt, source_ref=ref, adapter=adapter if personalised else None,
-                              **conditions[ref], **common))
+                              box=placed_box(boxes[ref], placement, synth.resolution), **conditions[ref, placement],
+                              **common))
     return items
 
 

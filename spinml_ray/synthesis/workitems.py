@@ -33,6 +33,9 @@ class WorkItem(BaseModel):
     scheduler: Scheduler = "dpmsolver++"
     adapter: str | None = Field(default=None, description="URI of this request's LoRA adapter folder")
     source_ref: str | None = None
+    box: list[float] | None = Field(default=None, min_length=4, max_length=4,
+                                    description="x0, y0, x1, y1 where the conditioning puts the target in the image "
+                                    "(recorded with it); None where nothing places it")
     attend: str | None = Field(default=None, max_length=200,
                                description="words of the prompt whose cross-attention map to return (the subject)")
     control_image: bytes | None = None
