@@ -273,16 +273,16 @@ def test_gpu_shares_leave_room_beside_the_synthesis_replica(monkeypatch, tmp_pat
     personalization, 0.5 of a GPU) still fit beside it; slots never ask for more than is left."""
     import types
 
-    from spinml_ray.ray_layer import batch, cluster
-    from spinml_ray.resources import synthesis_gpu_share
+    from spinml_ray.ray_layer import batch
+    from spinml_ray.resources import ResourcePlan, synthesis_gpu_share
     from spinml_ray.spec import PersonalizationSpec, TrainingSpec
 
     assert synthesis_gpu_share(gpus) == synthesis
-    monkeypatch.setattr(cluster, "cluster_gpus", lambda: gpus)
     no_ray = types.SimpleNamespace(remote=lambda: None)  # no Ray here: the board is never called
     monkeypatch.setattr("spinml_ray.ray_layer.fleet.JobBoard", types.SimpleNamespace(options=lambda **_: no_ray))
     monkeypatch.setattr("spinml_ray.ray_layer.fleet.on_this_node", lambda: None)
-    fleet = batch.training_fleet(cluster_cpus=16, concurrent=8, storage_root=str(tmp_path))
+    plan = ResourcePlan.plan(16, gpus, concurrent=8)
+    fleet = batch.training_fleet(plan.fleet, storage_root=str(tmp_path))
     if not gpus:
         assert not fleet.use_gpu
         return

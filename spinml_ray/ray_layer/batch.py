@@ -27,7 +27,7 @@ import yaml
 from spinml_ray import storage
 from spinml_ray.ray_layer.cluster import failure_reason
 from spinml_ray.ray_layer.pipeline import STAGE_NAMES, STAGES, request_paths, run_request, skipped
-from spinml_ray.resources import TRAINING_GPU_FRACTION, ResourcePlan
+from spinml_ray.resources import TRAINING_GPU_FRACTION, Fleet, ResourcePlan
 from spinml_ray.spec import SpecError, load_request
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,10 @@ def retried(result: dict) -> str | None:
     return "; ".join(notes) or None
 
 
-def training_fleet(cluster_cpus: float, concurrent: int, storage_root: str):
-    """The batch's training fleet, as the resource plan sizes it (`resources.ResourcePlan.fleet`)."""
-    from spinml_ray.ray_layer.cluster import cluster_gpus
+def training_fleet(fleet: Fleet, storage_root: str):
+    """The batch's training fleet, as the resource plan sized it (`resources.ResourcePlan.fleet`)."""
     from spinml_ray.ray_layer.fleet import TrainingFleet
 
-    fleet = ResourcePlan.plan(cluster_cpus, cluster_gpus(), concurrent=concurrent).fleet
     return TrainingFleet(fleet.slots, cpus_per_slot=max(1, fleet.cpus_per_slot), use_gpu=fleet.use_gpu,
                          gpu_fraction=fleet.gpu_fraction or TRAINING_GPU_FRACTION,
                          runs_uri=storage.join(storage_root, "_fleet"))
@@ -174,8 +172,8 @@ def run_batch(requests: list[str], storage_root: str, model: str = "tiny", max_c
     plan = ResourcePlan.plan(cpus, cluster_gpus(), max_concurrent, len(requests))
     log.info("resources:\n%s", plan.describe())
     max_concurrent = plan.max_concurrent
-    batch = BatchRun(storage_root, model, http_port, training_fleet(cpus, min(max_concurrent, len(requests)), storage_root),
-                     total=len(requests), progress=progress)
+    batch = BatchRun(storage_root, model, http_port, training_fleet(plan.fleet, storage_root), total=len(requests),
+                     progress=progress)
     try:
         with ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="request") as pool:
             list(pool.map(batch.run_one, requests))
