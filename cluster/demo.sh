@@ -5,7 +5,7 @@
 # user's, run on that model, and the trained model's accuracy on the user's real test images is
 # printed beside chance, with a picture; otherwise it is the example request on the `tiny` model
 # (random weights: noise and chance, the plumbing only).
-#   SPINML_DEMO_USER=N      another SpinBench user (default 0)
+#   SPINML_DEMO_USER=N      another SpinBench user (default 1; docs/SPINBENCH.md, "The demo and the smoke test", says why)
 #   SPINML_DEMO_PRIVACY=..  the levels, target_background (default L2_L0: the dog's pixels, nothing of the room)
 #   SPINML_REQUEST=FILE     run this request instead, on SPINML_MODEL (default tiny)
 set -euo pipefail
@@ -27,8 +27,8 @@ else
   # The shipped folder by path: the job runs on this machine, and the weights stay out of the working
   # directory Ray uploads for the job (excluded below).
   model="$repo_root/spinbench/weights"
-  request="$(python -m spinbench.cli world --user-seed "${SPINML_DEMO_USER:-0}" \
-    --privacy "${SPINML_DEMO_PRIVACY:-L2_L0}" --images-per-label 32 --out "$storage/demo-world/user-${SPINML_DEMO_USER:-0}")"
+  request="$(python -m spinbench.cli world --user-seed "${SPINML_DEMO_USER:-1}" \
+    --privacy "${SPINML_DEMO_PRIVACY:-L2_L0}" --images-per-label 32 --out "$storage/demo-world/user-${SPINML_DEMO_USER:-1}")"
 fi
 
 if (exec 3<>"/dev/tcp/127.0.0.1/$RAY_PORT") 2>/dev/null; then

@@ -1,10 +1,11 @@
 """`make demo` on the shipped spinbench weights, as a user runs it.
 
-cluster/demo.sh starts its own loopback head, submits a SpinBench user's request as a Ray job (sanitize,
-personalize, synthesize, train, evaluate on the user's real test images), prints the accuracy beside
-chance with a picture, and stops its head. The accuracy itself is not asserted: the same request scored
-0.23 to 0.40 over nine runs (docs/SPINBENCH.md, "The demo and the smoke test"), so no margin over chance
-held for every run."""
+cluster/demo.sh starts its own loopback head, submits SpinBench user 1's L2_L0 request as a Ray job
+(sanitize, personalize, synthesize, train, evaluate on the user's real test images), prints the
+accuracy beside chance with a picture, and stops its head. This is the benchmark's smoke test: the
+accuracy must beat chance by MARGIN, which held in every run of this request tried (0.34 to 0.47 over
+six runs of seed 0, 0.31 at worst over eleven runs of its seeds: docs/SPINBENCH.md, "The demo and the
+smoke test")."""
 
 import os
 import re
@@ -19,6 +20,7 @@ from conftest import REPO, free_port
 
 pytestmark = pytest.mark.cluster
 BIN = os.path.dirname(sys.executable)
+MARGIN = 0.05
 
 
 def test_make_demo_runs_a_spinbench_request_on_the_shipped_weights(tmp_path):
@@ -42,7 +44,8 @@ def test_make_demo_runs_a_spinbench_request_on_the_shipped_weights(tmp_path):
     found = re.search(r"accuracy on (\d+) real test images \(.*\): ([0-9.]+) \(chance ([0-9.]+)\), privacy (\w+)", out)
     assert found, out[-4000:]
     n, accuracy, chance, privacy = int(found[1]), float(found[2]), float(found[3]), found[4]
-    assert (n, chance, privacy) == (100, 0.25, "L2_L0") and 0.0 <= accuracy <= 1.0
+    assert (n, chance, privacy) == (100, 0.25, "L2_L0")
+    assert accuracy >= chance + MARGIN, out[-4000:]  # the kept dog's pixels teach the state
     for state in ("sleeping", "sitting", "standing", "jumping"):  # per state, as the user reads it
         assert re.search(rf"^\s+{state}: [0-9.]+$", out, re.MULTILINE), state
     picture = re.search(r"picture: (\S+\.png)", out)
