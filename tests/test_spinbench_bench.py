@@ -107,9 +107,9 @@ def test_cli_refuses_bad_configurations():
 
 
 def test_cli_sets_the_l2_target_and_decorations_of_every_request_it_runs(tmp_path, monkeypatch):
-    """`--l2-target` and `--prompt-decorations` reach every request the benchmark writes (so the two
-    ways of drawing an L2 target, and prompts with and without decorations, can be compared on the same
-    user and seeds), and `--http-port` reaches the synthesis app."""
+    """`--l2-target`, `--prompt-decorations` and `--placement` reach every request the benchmark writes
+    (so the ways of drawing and placing an L2 target, and prompts with and without decorations, can be
+    compared on the same user and seeds), and `--http-port` reaches the synthesis app."""
     from spinbench.cli import main
 
     seen = {}
@@ -126,16 +126,17 @@ def test_cli_sets_the_l2_target_and_decorations_of_every_request_it_runs(tmp_pat
     monkeypatch.setattr(bench, "run_benchmark", fake_run)
     common = ["run", "--user-seed", "2", "--out", str(tmp_path / "out"), "--configs", "L2_L0,L0_L0", "--seeds", "2"]
     assert main([*common, "--l2-target", "personalized_text", "--prompt-decorations", "off",
-                 "--http-port", "8123"]) == 0
+                 "--placement", "varied", "--http-port", "8123"]) == 0
     assert seen["http_port"] == 8123 and len(seen["requests"]) == 4
     assert all(spec.synthesis.l2_target == "personalized_text" and spec.synthesis.prompt_decorations is False
-               for spec in seen["requests"])
+               and spec.synthesis.placement == "varied" for spec in seen["requests"])
     assert main(common) == 0  # without the flags, the system's own defaults
     defaults = type(seen["requests"][0].synthesis)()
     assert all(spec.synthesis.l2_target == defaults.l2_target and spec.synthesis.prompt_decorations is True
-               for spec in seen["requests"])
-    with pytest.raises(SystemExit):
-        main([*common, "--l2-target", "pasted"])
+               and spec.synthesis.placement == defaults.placement for spec in seen["requests"])
+    for bad in (["--l2-target", "pasted"], ["--placement", "anywhere"]):
+        with pytest.raises(SystemExit):
+            main([*common, *bad])
 
 
 def test_demo_sheet_shows_the_releases_and_the_images_per_label():

@@ -262,11 +262,12 @@ def test_the_cli_writes_a_user_folder(tmp_path, capsys):
     assert sorted(os.listdir(out / "test_set")) == sorted(STATES)
     assert main(["spinbench", "world", "--user-seed", "3", "--out", str(tmp_path / "l2"), "--references-per-state",
                  "1", "--test-per-state", "0", "--privacy", "L2_L1", "--images-per-label", "5",
-                 "--l2-target", "kept"]) == 0
+                 "--l2-target", "kept", "--placement", "varied"]) == 0
     spec = load_request(capsys.readouterr().out.strip())
     assert (spec.privacy.target, spec.privacy.background, spec.synthesis.images_per_label) == (Level.L2, Level.L1, 5)
-    assert spec.synthesis.l2_target == "kept"
-    for bad in (["--privacy", "L2"], ["--privacy", "L0_L0,L1_L0"], ["--images-per-label", "0"], ["--l2-target", "x"]):
+    assert (spec.synthesis.l2_target, spec.synthesis.placement) == ("kept", "varied")
+    for bad in (["--privacy", "L2"], ["--privacy", "L0_L0,L1_L0"], ["--images-per-label", "0"], ["--l2-target", "x"],
+                ["--placement", "x"]):
         with pytest.raises(SystemExit):
             main(["spinbench", "world", "--user-seed", "3", "--out", str(tmp_path / "bad"), *bad])
     with pytest.raises(SystemExit) as exit_info:
