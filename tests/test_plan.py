@@ -419,11 +419,14 @@ def test_a_kept_l2_target_stays_as_released_and_the_rest_is_inpainted(scenes, ba
 # ---------------------------------------------------------------- placement: varied
 
 
-MOVABLE = {("L1", "L0", "kept"), ("L2", "L0", "kept"), ("L2", "L0", "image_guided"), ("L1", "L0", "image_guided")}
+# an L1 target's edges move whatever l2_target says; an L2 target's pixels only where they guide
+MOVABLE = {("L1", "L0", "kept"), ("L1", "L0", "image_guided"), ("L1", "L0", "personalized_text"),
+           ("L2", "L0", "kept"), ("L2", "L0", "image_guided")}
 
 
 @pytest.mark.parametrize("target, background, l2_target",
-                         [(t, b, how) for t, b in itertools.product(LEVELS, LEVELS) for how in ("kept", "image_guided")])
+                         [(t, b, how) for t, b in itertools.product(LEVELS, LEVELS)
+                          for how in ("kept", "image_guided", "personalized_text")])
 def test_varied_placement_moves_the_target_and_its_box_together_where_the_background_is_painted(
         scenes, target, background, l2_target):
     fixed = plan(scenes, target, background, n=12, l2_target=l2_target)

@@ -113,10 +113,10 @@ def kept_target(privacy: PrivacySpec, synth: SynthesisSpec) -> bool:
 
 
 def movable_target(privacy: PrivacySpec, synth: SynthesisSpec) -> bool:
-    """Whether each image places the target anew (`placement: varied`): the target's edges (L1) or
-    pixels (L2, where they guide) condition the image and the background guides nothing (L0)."""
-    conditions = privacy.target == Level.L1 or (privacy.target == Level.L2 and synth.target_pixels)
-    return synth.placement == "varied" and conditions and privacy.background == Level.L0
+    """Whether each image places the target anew (`placement: varied`) wherever its release places it:
+    the background guides nothing (L0), so only the target's edges (L1) or pixels (L2, where they
+    guide) fix where it is, and those are exactly what gives it a `geometry_box`."""
+    return synth.placement == "varied" and privacy.background == Level.L0
 
 
 def _bounding_box(mask: np.ndarray, size: int) -> list[float] | None:
