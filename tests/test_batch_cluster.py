@@ -66,6 +66,10 @@ def test_a_manifest_of_mixed_requests_and_its_rerun(tmp_path, synthesis, http_po
         assert {stage: info["state"] for stage, info in row["stages"].items()} == {
             "sanitize": "done (already complete)", "personalize": f"skipped (target released at {target}, not L2)",
             "synthesize": "done (already complete)", "train": "done (already complete)"}
+        first = states[row["request"]]["stages"]  # the re-run still says what each stage took the first time
+        assert all(row["stages"][stage]["seconds"] == first[stage]["seconds"] > 0
+                   for stage in ("sanitize", "synthesize", "train")), (row, first)
+        assert "seconds" not in row["stages"]["personalize"]
     assert {p: os.path.getmtime(p) for p in committed} == committed  # nothing generated or trained twice
     table = format_summary(again)
     assert "good-l1" in table and "failed" in table

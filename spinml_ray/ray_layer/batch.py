@@ -7,7 +7,8 @@ in the job's training fleet (`fleet.py`: long-lived Ray Train slots, one per con
 with a GPU share or its share of the CPUs), so a small model does not pay a trainer's start; a slot
 is started for a request while it is synthesized, so that start overlaps synthesis. A stage whose
 output is already committed is skipped, so re-running a job finishes what is missing and repeats
-nothing. One request's failure (bad input, a crash) is recorded in its status and the others go on.
+nothing; its summary still gives the seconds each skipped stage took when it ran. One request's
+failure (bad input, a crash) is recorded in its status and the others go on.
 
 Each request's `status.json` (stage, state, seconds, error) is rewritten atomically as it moves; the
 job logs one line per change, prefixed with the progress so far ("[3/10 done, 1 failed]"), and ends
@@ -64,6 +65,17 @@ def retried(result: dict) -> str | None:
     if result.get("resumed_from"):
         notes.append(f"resumed from its stored state at step {result['resumed_from']}")
     return "; ".join(notes) or None
+
+
+def earlier_seconds(paths: storage.RequestPaths) -> dict[str, float]:
+    """The seconds each stage took when a previous job completed it, from the request's stored status
+    (empty if there is none or it cannot be read), so a re-run's summary still says what each stage cost."""
+    try:
+        stages = storage.read_json(storage.join(paths.base, "status.json")).get("stages", {})
+        return {stage: info["seconds"] for stage, info in stages.items()
+                if str(info.get("state", "")).startswith("done") and isinstance(info.get("seconds"), (int, float))}
+    except Exception:  # no earlier status (a first run) or an unreadable one: nothing to carry over
+        return {}
 
 
 def training_fleet(fleet: Fleet, storage_root: str):
@@ -125,11 +137,13 @@ class BatchRun:
             self._update(uri, None, state="failed", error=str(exc))
             return
         paths = self.paths[uri] = request_paths(spec, self.root)
+        before = earlier_seconds(paths)
         self._update(uri, paths, request_id=spec.request_id, tenant=spec.tenant, state="running", error=None)
         for entry in STAGES:
             stage = entry.name
-            if why := skipped(entry, spec, paths, resume=True):
-                self._update(uri, paths, stage=stage, state=why)
+            if why := skipped(entry, spec, paths, resume=True):  # a committed stage keeps the time it took
+                self._update(uri, paths, stage=stage, state=why,
+                             **({"seconds": before[stage]} if stage in before and why.startswith("done") else {}))
                 continue
             self._update(uri, paths, stage=stage, state="running")
             started = time.time()
