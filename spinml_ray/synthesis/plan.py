@@ -6,7 +6,8 @@ The level of each object decides the conditioning (see docs/DESIGN.md, "From lev
   (`l2_target: kept`, the default); with `image_guided` they start the image instead (img2img); with
   `personalized_text` they guide nothing: the personalized model draws it from the prompt's identifier;
 - an L2 background alone is kept and the target's region is inpainted on it;
-- both at L2 give image guidance from the two released parts together.
+- both at L2: a kept target stays as released and the room is redrawn from its released pixels
+  (inpainting at `strength`); otherwise the two released parts guide the image together (img2img).
 With `placement: varied` and an L0 background, each image puts the target's edges or pixels at its own
 seeded place along the floor line, mirrored half the time (`choose_placement`): the room is painted
 anyway, and nothing more is released. A fraction `alpha` of each label's images comes from the L0_L0
@@ -108,8 +109,9 @@ def conditioning(target: dict, background: dict, size: int, target_pixels: bool 
 
 
 def kept_target(privacy: PrivacySpec, synth: SynthesisSpec) -> bool:
-    """An L2 target kept as released, the rest inpainted (not with an L2 background: both parts guide)."""
-    return synth.l2_target == "kept" and privacy.target == Level.L2 and privacy.background != Level.L2
+    """An L2 target kept as released, the rest inpainted (from noise, or from the released room where
+    the background is at L2 too)."""
+    return synth.l2_target == "kept" and privacy.target == Level.L2
 
 
 def movable_target(privacy: PrivacySpec, synth: SynthesisSpec) -> bool:
@@ -186,7 +188,7 @@ def plan_label(request_id: str, tenant: str, subject: str, label: LabelSpec, pri
         personalised = adapter is not None and privacy.target == Level.L2
         prompt = build_prompt(subject, label.phrase, seed, token=token if personalised else None,
                               describe_setting=privacy.background == Level.L0, decorate=synth.prompt_decorations)
-        if kept:  # the painted part starts from noise: no image guides it
+        if kept and privacy.background != Level.L2:  # the painted part starts from noise: no image guides it
             common["strength"] = 1.0
         items.append(WorkItem(pool=config, prompt=prompt, source_ref=ref, adapter=adapter if personalised else None,
                               box=placed_box(boxes[ref], placement, synth.resolution), **conditions[ref, placement],
