@@ -110,7 +110,8 @@ class SynthesisSpec(_Strict):
     l2_target: Literal["image_guided", "kept", "personalized_text"] = Field(
         default="kept", description="how a target released at L2 is drawn: kept (the default) keeps its released "
         "pixels as they are and paints the rest of the image around them (inpainting: from noise, where strength "
-        "does not apply, or from the released room at strength where the background is at L2 too); image_guided starts from those pixels (img2img, with the adapter where there is one); "
+        "does not apply, or from the released room at strength where the background is at L2 too); image_guided "
+        "starts from those pixels (img2img, with the adapter where there is one); "
         "personalized_text draws it from the prompt with the personalized model's identifier, as the SpinML paper "
         "does, and needs personalization")
     placement: Literal["as_released", "varied"] = Field(
