@@ -67,11 +67,16 @@ def retried(result: dict) -> str | None:
     return "; ".join(notes) or None
 
 
+def status_uri(paths: storage.RequestPaths) -> str:
+    """Where the batch keeps a request's status (`BatchRun._update` writes it)."""
+    return storage.join(paths.base, "status.json")
+
+
 def earlier_seconds(paths: storage.RequestPaths) -> dict[str, float]:
     """The seconds each stage took when a previous job completed it, from the request's stored status
     (empty if there is none or it cannot be read), so a re-run's summary still says what each stage cost."""
     try:
-        stages = storage.read_json(storage.join(paths.base, "status.json")).get("stages", {})
+        stages = storage.read_json(status_uri(paths)).get("stages", {})
         return {stage: info["seconds"] for stage, info in stages.items()
                 if str(info.get("state", "")).startswith("done") and isinstance(info.get("seconds"), (int, float))}
     except Exception:  # no earlier status (a first run) or an unreadable one: nothing to carry over
@@ -109,7 +114,7 @@ class BatchRun:
             log.info("[%d/%d done, %d failed] %s %s", done, max(self.total, len(self.rows)), failed, uri, what)
             snapshot = dict(row)
         if paths is not None:
-            storage.write_json(storage.join(paths.base, "status.json"), snapshot)
+            storage.write_json(status_uri(paths), snapshot)
 
     def run_one(self, uri: str) -> None:
         """Run the request's remaining stages; whatever goes wrong fails this request alone."""
